@@ -1,0 +1,105 @@
+"""Routers (token -> expert scores) and gatings (scores -> the k experts a token runs, with their weights).
+
+Legend: T tokens, D hidden, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from factorllm.registry import Registry
+
+
+class RouterOutput(NamedTuple):
+    logits: torch.Tensor  # [T, E]  raw scores (for the oracle: each expert's output norm)
+    weights: torch.Tensor  # [T, k]  the multiplier of each chosen expert's output
+    indices: torch.Tensor  # [T, k]  the chosen experts, int64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Router networks: [T, D] -> logits [T, E]
+
+ROUTERS: Registry[Callable[..., nn.Module]] = Registry("router")
+
+
+@ROUTERS.register("linear")
+def linear_router(hidden: int, num_experts: int, router_hidden: int = 0) -> nn.Module:
+    """FactorLLM's router: one linear layer with bias on the FFN's (normalised) input."""
+    return nn.Linear(hidden, num_experts, bias=True)
+
+
+@ROUTERS.register("mlp")
+def mlp_router(hidden: int, num_experts: int, router_hidden: int = 128) -> nn.Module:
+    """MoEfication's router: Linear-Tanh-Linear."""
+    return nn.Sequential(nn.Linear(hidden, router_hidden), nn.Tanh(), nn.Linear(router_hidden, num_experts))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gatings: logits [T, E], k -> weights [T, k], indices [T, k]
+
+GATINGS: Registry[Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = Registry("gating")
+
+
+@GATINGS.register("hard")
+def hard_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FactorLLM: the top-k experts, each weighted E/k (so k of E experts are scaled up to the full FFN).
+
+    NOTE: the weights are constants, so no gradient reaches the router through them.
+    """
+    num_experts = logits.shape[-1]
+    indices = logits.topk(k, dim=-1).indices  # [T, k]
+    weights = torch.full(indices.shape, num_experts / k, dtype=logits.dtype, device=logits.device)
+    return weights, indices
+
+
+@GATINGS.register("softmax_renorm")
+def softmax_renorm_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral: softmax over the k chosen logits (the weights sum to 1)."""
+    top, indices = logits.topk(k, dim=-1)  # [T, k], [T, k]
+    return top.softmax(dim=-1), indices
+
+
+@GATINGS.register("softmax")
+def softmax_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-MoE with norm_topk_prob=False: softmax over all E, keep the k largest probabilities."""
+    probs = logits.softmax(dim=-1)  # [T, E]
+    weights, indices = probs.topk(k, dim=-1)  # [T, k], [T, k]
+    return weights, indices
+
+
+@GATINGS.register("oracle")
+def oracle_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Analysis only: `logits` are each expert's output norm; keep the k largest, each at weight 1.
+
+    NOTE: weight 1 and no E/k rescale, because the experts are exact parts of the dense FFN: the sum of the
+    chosen ones is the dense output minus the parts left out.
+    """
+    indices = logits.topk(k, dim=-1).indices  # [T, k]
+    return torch.ones(indices.shape, dtype=logits.dtype, device=logits.device), indices
+
+
+class Router(nn.Module):
+    """Scores tokens with a registered router network and picks k experts with a registered gating.
+
+    `forward(x, scores=None)`: pass `scores` to route on precomputed logits instead of the network's (the
+    oracle gating routes on expert output norms).
+    """
+
+    def __init__(self, net: nn.Module, gating: str, top_k: int) -> None:
+        super().__init__()
+        self.net = net
+        self.gating = gating
+        self.top_k = top_k
+        self._gate = GATINGS.get(gating)
+
+    def forward(self, x: torch.Tensor, scores: torch.Tensor | None = None) -> RouterOutput:
+        logits = self.net(x) if scores is None else scores  # [T, E]
+        weights, indices = self._gate(logits, self.top_k)  # [T, k], [T, k]
+        return RouterOutput(logits, weights, indices)
+
+    def extra_repr(self) -> str:
+        return f"gating={self.gating!r}, top_k={self.top_k}"
