@@ -1,0 +1,52 @@
+"""The `factorllm` command line, run in-process on a tiny model folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from factorllm import load
+from factorllm.cli.main import main
+
+
+def test_convert_writes_a_loadable_model_with_tokenizer(tiny_folder, tmp_path):
+    out = tmp_path / "moe"
+    rc = main(["convert", "--model", str(tiny_folder), "--experts", "4", "--top-k", "2",
+               "--partition", "coactivation", "--calib-tokens", "256", "--calib-window", "64", "--output", str(out)])
+    assert rc == 0
+    model, tok = load(out)
+    assert tok is not None and model.factor_config.partition == "coactivation"
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([tok("Amen.")["input_ids"]])).logits.isfinite().all()
+
+
+def test_convert_refuses_existing_output_unless_overwrite(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "moe"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["convert", "--model", str(tiny_folder), "--partition", "contiguous", "--experts", "4",
+            "--output", str(out)]
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "factorllm.json").exists()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--top-k", "9"], "1 <= top_k <= num_experts=8"),
+    (["--experts", "7"], "cannot split 64 neurons into 7 equal experts"),
+])
+def test_convert_bad_input_is_one_clear_line(tiny_folder, tmp_path, capsys, bad, message):
+    rc = main(["convert", "--model", str(tiny_folder), "--partition", "contiguous",
+               "--output", str(tmp_path / "o"), *bad])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_is_fast_and_lists_convert():
+    out = subprocess.run([sys.executable, "-m", "factorllm.cli.main", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "convert" in out.stdout
