@@ -65,9 +65,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist; check the path")
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        return model.eval(), tok
+        return _load_gguf(path, dtype)
     if path.is_dir():
         if is_factorllm_folder(path):
             return load(path, dtype)
@@ -94,9 +92,7 @@ def _load_embedded(name: str, dtype: torch.dtype):
 
     folder = cache_dir() / name
     if not (folder / "model.safetensors").is_file():
-        gguf = embedded_gguf(name)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model, tok = _load_gguf(embedded_gguf(name), torch.float32)
         # NOTE: written to a temporary folder and renamed, so a crash never leaves a half-written cache.
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
@@ -109,3 +105,21 @@ def _load_embedded(name: str, dtype: torch.dtype):
             shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """A GGUF file, dequantised, as a plain (not quantised) transformers model.
+
+    NOTE: transformers' GGUF loader marks the model as quantised with GGUF, which forbids `save_pretrained`
+    although every weight is already dequantised; we move the weights into a model built from a clean config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    return model.eval(), tok
