@@ -1,0 +1,43 @@
+"""The embedded SmolLM2-135M, end to end. Slow (about a minute): `make test-slow`."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from factorllm import FactorConfig, convert_, load, load_model, perplexity, save
+from factorllm.data import kjv_text, pydoc_text, tokenize, windows
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_embedded_model_is_the_real_smollm2(smollm2):
+    model, tok = smollm2
+    assert model.config.num_hidden_layers == 30 and model.config.intermediate_size == 1536
+    ids = windows(tokenize(tok, pydoc_text()), 256, count=2, seed=0).reshape(-1)
+    assert perplexity(model, ids, window=256) < 40  # a trained model, not random weights (vocab 49k)
+
+
+def test_factorized_smollm2_all_on_is_dense_and_round_trips(smollm2, tmp_path):
+    model, tok = smollm2
+    ids = windows(tokenize(tok, pydoc_text()), 128, count=2, seed=0)
+    calib = [windows(tokenize(tok, kjv_text("train"), max_tokens=4096), 256, count=4, seed=0)]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    moe = convert_(copy.deepcopy(model), FactorConfig(32, 32, partition="coactivation"), calib=calib,
+                   progress=False)
+    with torch.no_grad():
+        got = moe(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    save(moe, tmp_path / "m", tok)
+    again, tok2 = load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, got, atol=0, rtol=0)
+    assert tok2("In the beginning")["input_ids"] == tok("In the beginning")["input_ids"]
