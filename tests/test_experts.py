@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from factorllm.adapters import FFNWeights
-from factorllm.experts import Experts
+from factorllm.experts import EXPERT_PATHS, Experts, choose_path
 from factorllm.router import GATINGS
 
 D, F = 12, 48
@@ -37,10 +37,16 @@ ROUTINGS = {
 }
 
 
+FAST_PATHS = [p for p in EXPERT_PATHS.names() if p != "naive"]
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("gated,bias", [(True, False), (True, True), (False, True)])
-@pytest.mark.parametrize("sizes", [[6] * 8, [2, 4, 6, 8, 4, 8, 10, 6]], ids=["equal", "unequal"])
+@pytest.mark.parametrize("sizes", [[8] * 6, [2, 4, 6, 8, 4, 8, 10, 6]], ids=["equal", "unequal"])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
-def test_stacked_forward_equals_naive(gated, bias, sizes, routing):
+def test_every_path_equals_naive(path, gated, bias, sizes, routing):
+    if path in ("padded", "grouped_mm") and len(set(sizes)) > 1:
+        pytest.skip("padded and grouped_mm run equal experts only (choose_path never picks them otherwise)")
     experts = Experts.from_ffn(_ffn(gated, bias), _partition(sizes))
     T, E = 10, len(sizes)
     indices = ROUTINGS[routing](T, E)
@@ -49,14 +55,28 @@ def test_stacked_forward_equals_naive(gated, bias, sizes, routing):
     x2 = x1.detach().clone().requires_grad_(True)
     w1, w2 = weights.clone().requires_grad_(True), weights.clone().requires_grad_(True)
 
+    experts.path = path
     fast = experts(x1, w1, indices)
     grads_fast = torch.autograd.grad(fast.square().sum(), [x1, w1, *experts.parameters()])
     ref = experts.forward_naive(x2, w2, indices)
-    grads_ref = torch.autograd.grad(ref.square().sum(), [x2, w2, *experts.parameters()], allow_unused=True)
+    grads_ref = torch.autograd.grad(ref.square().sum(), [x2, w2, *experts.parameters()])
 
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     for gf, gr in zip(grads_fast, grads_ref, strict=True):
         torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-5)
+
+
+def test_choose_path():
+    experts = Experts.from_ffn(_ffn(True, False), _partition([6] * 8))
+    balanced = torch.arange(64).remainder(8).view(32, 2)
+    skewed = torch.zeros(32, 2, dtype=torch.long)
+    skewed[:, 1] = torch.arange(32).remainder(7) + 1
+    x = torch.randn(32, D)
+    assert choose_path(experts, x[:1], balanced[:1]) == "decode"
+    assert choose_path(experts, x, balanced) == "padded"
+    assert choose_path(experts, x, skewed) == "sorted"
+    unequal = Experts.from_ffn(_ffn(True, False), _partition([2, 4, 6, 8, 4, 8, 10, 6]))
+    assert choose_path(unequal, x, balanced) == "sorted"
 
 
 @pytest.mark.parametrize("gated", [True, False])

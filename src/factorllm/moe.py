@@ -102,15 +102,18 @@ class MoEFeedForward(nn.Module):
     def to_dense_weights(self) -> FFNWeights:
         """The dense FFN this block was cut from, rebuilt from the experts (its neurons in original order)."""
         groups = ([self.shared] if self.shared is not None else []) + [self.experts]
-        parts = {"w_in": [], "w_up": [], "w_out": [], "b_in": [], "b_up": []}
+        parts: dict[str, list[torch.Tensor]] = {"w_in": [], "w_up": [], "w_out": [], "b_in": [], "b_up": []}
         for g in groups:
+            I = g.width
             for e, n in enumerate(g.sizes):
                 parts["w_in"].append(g.w_in[e, :n])
                 parts["w_out"].append(g.w_out[e, :, :n].t())
-                for name in ("w_up", "b_in", "b_up"):
-                    p = getattr(g, name)
-                    if p is not None:
-                        parts[name].append(p[e, :n])
+                if g.gated:
+                    parts["w_up"].append(g.w_in[e, I : I + n])
+                if g.b_in is not None:
+                    parts["b_in"].append(g.b_in[e, :n])
+                    if g.gated:
+                        parts["b_up"].append(g.b_in[e, I : I + n])
         inverse = torch.empty_like(self.neuron_index)
         inverse[self.neuron_index] = torch.arange(len(inverse), device=inverse.device)
         cat = {k: (torch.cat(v)[inverse] if v else None) for k, v in parts.items()}  # rows back in dense order
