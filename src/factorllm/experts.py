@@ -39,6 +39,7 @@ class Experts(nn.Module):
         self.gated = gated
         self.act = act
         self.path: str | None = None  # None: choose automatically
+        self._views: tuple | None = None  # cached per-expert weight views, see `views()`
         E, I, m = len(sizes), max(sizes), 2 if gated else 1
         self.w_in = nn.Parameter(torch.zeros(E, m * I, hidden, dtype=dtype))  # [E, m*I, D]
         self.w_out = nn.Parameter(torch.zeros(E, hidden, I, dtype=dtype))  # [E, D, I]
@@ -98,12 +99,53 @@ class Experts(nn.Module):
         a = self.act(h[:, :n]) * h[:, n:] if self.gated else self.act(h)
         return nn.functional.linear(a, self.w_out[e, :, :n])
 
+    def views(self) -> tuple[list, list, list]:
+        """Per-expert views (w_in[e] [m*I, D], w_out[e].T [I, D], b_in[e] or None), cached.
+
+        NOTE: at batch 1 each indexing op costs as much as a small GEMV's arithmetic; views stay valid while
+        the parameters keep their storage (in-place updates included), so the cache is keyed on the pointers.
+        """
+        key = (self.w_in.data_ptr(), self.w_out.data_ptr(), None if self.b_in is None else self.b_in.data_ptr())
+        if self._views is None or self._views[0] != key:
+            with torch.no_grad():
+                b_in = [None] * self.num_experts if self.b_in is None else list(self.b_in.unbind(0))
+                views = (list(self.w_in.unbind(0)), [w.t() for w in self.w_out.unbind(0)], b_in)
+            self._views = (key, views)
+        return self._views[1]
+
+    def expert_into(
+        self, e: int, x: torch.Tensor, out: torch.Tensor, scale: float | torch.Tensor = 1.0, accumulate: bool = False
+    ) -> None:
+        """Inference only: `out` [n_tok, D] (+)= scale * expert e on x [n_tok, D].
+
+        `scale` is a float or per-token [n_tok, 1]; it multiplies the activations [n_tok, I], which is cheaper
+        than scaling the output [n_tok, D]. In-place activations, no temporaries beyond the input projection.
+        """
+        n, I = self.sizes[e], self.width
+        if n != I:
+            y = self.expert(e, x) * scale
+            out.add_(y) if accumulate else out.copy_(y)
+            return
+        w_in, w_out_t, b_in = self.views()
+        h = nn.functional.linear(x, w_in[e], b_in[e])  # [n_tok, m*I]
+        a = self.act.forward(h[:, :I])  # NOTE: .forward skips the module-call machinery (no hooks here)
+        if self.gated:
+            a.mul_(h[:, I:])
+        if not isinstance(scale, float) or scale != 1.0:
+            a.mul_(scale)
+        if accumulate:
+            out.addmm_(a, w_out_t[e])
+        else:
+            torch.mm(a, w_out_t[e], out=out)
+
     # -- routed forward ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sum over each token's k chosen experts of weight * expert output: [T, D] -> [T, D]."""
         path = self.path or choose_path(self, x, indices)
-        return EXPERT_PATHS.get(path)(self, x, weights.to(x.dtype), indices)
+        if weights.dtype != x.dtype:
+            weights = weights.to(x.dtype)
+        return EXPERT_PATHS.get(path)(self, x, weights, indices)
 
     def forward_naive(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return naive_path(self, x, weights.to(x.dtype), indices)
@@ -160,16 +202,23 @@ def naive_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices
 
 @EXPERT_PATHS.register("decode")
 def decode_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """A few tokens (decoding): each token runs its k experts on views of the stacked weights, never copied."""
+    """A few tokens (decoding): each token runs its k experts on views of the stacked weights, never copied.
+
+    NOTE: at batch 1 the FFN is a few small matrix-vector products, so op count is what costs: without
+    autograd each expert is three GEMV-sized calls accumulated in place.
+    """
+    if not torch.is_grad_enabled():
+        out = x.new_zeros(x.shape)
+        for t, (chosen, ws) in enumerate(zip(indices.tolist(), weights.tolist(), strict=True)):
+            xt, ot = (x, out) if x.shape[0] == 1 else (x[t : t + 1], out[t : t + 1])
+            for e, w in zip(chosen, ws, strict=True):
+                experts.expert_into(e, xt, ot, scale=w, accumulate=True)
+        return out
     rows = []
     for t, chosen in enumerate(indices.tolist()):
         xt = x[t : t + 1]  # [1, D]
-        y = None
-        for j, e in enumerate(chosen):
-            ye = experts.expert(e, xt) * weights[t, j]  # [1, D]
-            y = ye if y is None else y + ye
-        rows.append(y)
-    return torch.cat(rows) if len(rows) > 1 else rows[0]
+        rows.append(sum(experts.expert(e, xt) * weights[t, j] for j, e in enumerate(chosen)))
+    return torch.cat(rows)
 
 
 def _sort_by_expert(indices: torch.Tensor, num_experts: int):
@@ -186,12 +235,16 @@ def sorted_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indice
     _, order, counts = _sort_by_expert(indices, experts.num_experts)
     token = order // k  # [T*k]  token of each sorted slot
     xs = x.index_select(0, token)  # [T*k, D]  one gather
-    ys, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        if n:
-            ys.append(experts.expert(e, xs[start : start + n]))  # [n, D]
-        start += n
-    y = torch.cat(ys) * weights.reshape(-1)[order, None]  # [T*k, D]
+    bounds = counts.cumsum(0).tolist()
+    starts = [0, *bounds[:-1]]
+    w = weights.reshape(-1)[order, None]  # [T*k, 1]  routing weight of each sorted slot
+    groups = [(e, a, b) for e, (a, b) in enumerate(zip(starts, bounds, strict=True)) if b > a]
+    if torch.is_grad_enabled():
+        y = torch.cat([experts.expert(e, xs[a:b]) * w[a:b] for e, a, b in groups])
+    else:  # NOTE: inference writes each expert's rows in place: no per-expert outputs, no concatenation
+        y = torch.empty_like(xs)  # [T*k, D]
+        for e, a, b in groups:
+            experts.expert_into(e, xs[a:b], y[a:b], scale=w[a:b])
     return x.new_zeros(x.shape).index_add_(0, token, y)  # one scatter back
 
 

@@ -70,7 +70,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         if is_factorllm_folder(path):
             return load(path, dtype)
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path} has no config.json: it is neither a transformers model folder nor a factorllm save")
+            raise ValueError(
+                f"{path} has no config.json: it is neither a transformers model folder nor a factorllm save"
+            )
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model.eval(), AutoTokenizer.from_pretrained(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factorllm.cli import convert
+from factorllm.cli import bench, convert
 
-SUBCOMMANDS = [convert]
+SUBCOMMANDS = [convert, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

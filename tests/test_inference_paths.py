@@ -1,0 +1,27 @@
+"""The inference variants (no autograd: in-place, out=) of every path equal the naive reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_experts import ROUTINGS, _ffn, _partition
+
+from factorllm.experts import EXPERT_PATHS, Experts
+
+
+@pytest.mark.parametrize("path", [p for p in EXPERT_PATHS.names() if p != "naive"])
+@pytest.mark.parametrize("gated,bias", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("sizes", [[8] * 6, [2, 4, 6, 8, 4, 8, 10, 6]], ids=["equal", "unequal"])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("tokens", [1, 3, 10])
+def test_inference_path_equals_naive(path, gated, bias, sizes, routing, tokens):
+    if path in ("padded", "grouped_mm") and len(set(sizes)) > 1:
+        pytest.skip("padded and grouped_mm run equal experts only")
+    experts = Experts.from_ffn(_ffn(gated, bias), _partition(sizes))
+    indices = ROUTINGS[routing](tokens, len(sizes))
+    weights = torch.rand(indices.shape, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(tokens, 12, generator=torch.Generator().manual_seed(5))
+    experts.path = path
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, weights, indices), experts.forward_naive(x, weights, indices),
+                                   atol=1e-5, rtol=1e-5)
