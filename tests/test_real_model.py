@@ -41,3 +41,38 @@ def test_factorized_smollm2_all_on_is_dense_and_round_trips(smollm2, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, got, atol=0, rtol=0)
     assert tok2("In the beginning")["input_ids"] == tok("In the beginning")["input_ids"]
+
+
+def test_smollm2_exports_to_mixtral_and_generates_the_same_tokens(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from factorllm import export
+
+    model, tok = smollm2
+    moe = convert_(copy.deepcopy(model), FactorConfig(8, 2, gating="softmax_renorm"), progress=False)
+    export(moe, tmp_path / "mixtral", "mixtral", tokenizer=tok)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    prompt = tok("The Python for statement", return_tensors="pt").input_ids
+    gen = dict(max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    with torch.no_grad():
+        ours = moe.generate(prompt, **gen)
+        theirs = stock.generate(prompt, **gen)
+    assert ours.shape[1] == prompt.shape[1] + 32
+    assert theirs.tolist() == ours.tolist()
+
+
+def test_smollm2_gguf_export_carries_the_source_tokenizer(smollm2, tmp_path):
+    import gguf
+
+    from factorllm import export
+    from factorllm.loading import embedded_gguf
+
+    model, tok = smollm2
+    moe = convert_(copy.deepcopy(model), FactorConfig(8, 2, gating="softmax_renorm"), progress=False)
+    path = export(moe, tmp_path / "m.gguf", "gguf", tokenizer=tok, gguf_type="q8_0",
+                  tokenizer_gguf=str(embedded_gguf("smollm2-135m")))
+    fields = {f.name: f for f in gguf.GGUFReader(str(path)).fields.values()}
+    src = {f.name: f for f in gguf.GGUFReader(str(embedded_gguf("smollm2-135m"))).fields.values()}
+    assert fields["tokenizer.ggml.model"].contents() == src["tokenizer.ggml.model"].contents()
+    assert fields["tokenizer.ggml.tokens"].contents() == src["tokenizer.ggml.tokens"].contents()
+    assert fields["llama.expert_count"].contents() == 8

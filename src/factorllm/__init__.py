@@ -3,6 +3,7 @@
 from factorllm.config import FactorConfig
 from factorllm.convert import convert_
 from factorllm.evaluate import perplexity
+from factorllm.export import export
 from factorllm.loading import load_model
 from factorllm.moe import MoEFeedForward, moe_layers, set_routing_
 from factorllm.serialization import load, save
@@ -11,6 +12,7 @@ __all__ = [
     "FactorConfig",
     "MoEFeedForward",
     "convert_",
+    "export",
     "load",
     "load_model",
     "moe_layers",

@@ -28,8 +28,20 @@ ROUTERS: Registry[Callable[..., nn.Module]] = Registry("router")
 
 @ROUTERS.register("linear")
 def linear_router(hidden: int, num_experts: int, router_hidden: int = 0) -> nn.Module:
-    """FactorLLM's router: one linear layer with bias on the FFN's (normalised) input."""
-    return nn.Linear(hidden, num_experts, bias=True)
+    """FactorLLM's router: one linear layer with bias on the FFN's (normalised) input.
+
+    NOTE: the bias starts at zero, so an untrained router favours no expert (and exports to formats whose
+    routers have no bias until training moves it).
+    """
+    net = nn.Linear(hidden, num_experts, bias=True)
+    nn.init.zeros_(net.bias)
+    return net
+
+
+@ROUTERS.register("linear_nobias")
+def linear_nobias_router(hidden: int, num_experts: int, router_hidden: int = 0) -> nn.Module:
+    """Mixtral's and Qwen2-MoE's router: one linear layer without bias (exportable after any training)."""
+    return nn.Linear(hidden, num_experts, bias=False)
 
 
 @ROUTERS.register("mlp")

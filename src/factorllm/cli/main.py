@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factorllm.cli import bench, convert
+from factorllm.cli import bench, convert, export
 
-SUBCOMMANDS = [convert, bench]
+SUBCOMMANDS = [convert, export, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
