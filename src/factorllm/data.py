@@ -66,3 +66,52 @@ def windows(ids: torch.Tensor, length: int, count: int | None = None, seed: int 
     if seed is not None:
         all_w = all_w[torch.randperm(len(all_w), generator=torch.Generator().manual_seed(seed))]
     return all_w if count is None else all_w[:count]
+
+
+def load_text(source: str, text_column: str = "text") -> str:
+    """Text from an embedded corpus name, a UTF-8 file, a folder of .txt files, or a Hugging Face dataset
+    (a folder saved with `save_to_disk`, or a hub id; needs `pip install datasets`)."""
+    if source in CORPORA:
+        return CORPORA[source]()
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"{path} holds no .txt files (and is no saved Hugging Face dataset)")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    try:
+        import datasets
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"{source!r} is not a corpus name ({sorted(CORPORA)}), file or folder; to read it as a Hugging Face "
+            "dataset install the datasets package: pip install datasets"
+        ) from err
+    ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split="train")
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    if text_column not in ds.column_names:
+        raise ValueError(f"dataset {source!r} has no column {text_column!r} (columns: {ds.column_names})")
+    return "\n\n".join(ds[text_column])
+
+
+def pack(ids: torch.Tensor, window: int) -> torch.Tensor:
+    """Packs a token stream [N] into consecutive windows [N // window, window] (the remainder is dropped)."""
+    if window < 2:
+        raise ValueError(f"window={window} must be >= 2")
+    n = ids.numel() // window
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens are fewer than one window of {window}; give more text or a "
+                         "smaller window")
+    return ids[: n * window].view(n, window)
+
+
+def split_windows(wins: torch.Tensor, heldout: float | int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic train / held-out split of windows [W, S]: a seeded permutation, the first `heldout`
+    windows (a count, or a fraction of W) held out."""
+    n_held = int(heldout) if heldout >= 1 else int(round(len(wins) * heldout))
+    if not 0 < len(wins) - n_held:
+        raise ValueError(f"{len(wins)} windows leave none to train on after holding out {n_held}")
+    perm = torch.randperm(len(wins), generator=torch.Generator().manual_seed(seed))
+    return wins[perm[n_held:]], wins[perm[:n_held]]

@@ -159,7 +159,7 @@ def set_routing_(model: nn.Module, top_k: int | None = None, gating: str | None 
             top_k=block.router.top_k if top_k is None else top_k,
             gating=block.router.gating if gating is None else gating,
         )  # validates
-        block.router = Router(block.router.net, new.gating, new.top_k)
+        block.router = Router(block.router.net, new.gating, new.top_k, block.router.straight_through)
     cfg = getattr(model, "factor_config", None)
     if cfg is not None:
         model.factor_config = FactorConfig.from_dict(

@@ -100,12 +100,15 @@ class Router(nn.Module):
     oracle gating routes on expert output norms).
     """
 
-    def __init__(self, net: nn.Module, gating: str, top_k: int) -> None:
+    def __init__(self, net: nn.Module, gating: str, top_k: int, straight_through: bool = False) -> None:
         super().__init__()
         self.net = net
         self.gating = gating
         self.top_k = top_k
         self._gate = GATINGS.get(gating)
+        # Hard gating's constant weights pass no gradient to the router; with straight_through the forward
+        # value stays E/k while the backward pass sees the chosen experts' softmax probabilities.
+        self.straight_through = straight_through
 
     def forward(self, x: torch.Tensor, scores: torch.Tensor | None = None) -> RouterOutput:
         if scores is not None:
@@ -116,7 +119,10 @@ class Router(nn.Module):
         else:
             logits = self.net(x)  # [T, E]
         weights, indices = self._gate(logits, self.top_k)  # [T, k], [T, k]
+        if self.straight_through and self.gating == "hard" and torch.is_grad_enabled():
+            p = logits.softmax(dim=-1).gather(1, indices)  # [T, k]
+            weights = weights + (p - p.detach())
         return RouterOutput(logits, weights, indices)
 
     def extra_repr(self) -> str:
-        return f"gating={self.gating!r}, top_k={self.top_k}"
+        return f"gating={self.gating!r}, top_k={self.top_k}, straight_through={self.straight_through}"

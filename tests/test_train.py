@@ -1,0 +1,240 @@
+"""Training: PA labels, losses, router gradients, resume, multi-process, divergence, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+from factorllm import FactorConfig, convert_, set_routing_
+from factorllm.losses import PSEUDO_LABELS, pa_loss
+from factorllm.train import (
+    TrainConfig,
+    TrainData,
+    TrainingDiverged,
+    pa_labels,
+    routing_targets,
+    train,
+)
+
+
+def _pair(cfg=FactorConfig(4, 2, gating="softmax_renorm"), family="llama"):
+    dense = tiny_model(family)
+    return convert_(copy.deepcopy(dense), cfg, progress=False), dense
+
+
+def _windows(n=8, s=16, seed=0):
+    return token_batch(n, s, seed=seed)
+
+
+def test_pa_labels_come_from_each_layers_real_input():
+    student, dense = _pair()
+    ids = _windows(2)
+    got = routing_targets(student, dense, ids, "factorllm")[1]
+    # The real input of layer 1's FFN, captured with a hook:
+    seen = []
+    h = student.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        student(input_ids=ids)
+    h.remove()
+    want = pa_labels(student.model.layers[1].mlp, dense.model.layers[1].mlp, seen[0], "factorllm")
+    assert torch.equal(got, want)
+    # The reference code's bug: layer 1's labels built on layer 0's FFN output instead.
+    seen0 = []
+    h = dense.model.layers[0].mlp.register_forward_hook(lambda m, a, o: seen0.append(o.reshape(-1, 32)))
+    with torch.no_grad():
+        dense(input_ids=ids)
+    h.remove()
+    buggy = pa_labels(student.model.layers[1].mlp, dense.model.layers[1].mlp, seen0[0], "factorllm")
+    assert not torch.equal(got, buggy)
+
+
+def test_pa_loss_of_batch_four_is_mean_of_four_single_losses():
+    student, dense = _pair()
+    ids = _windows(4)
+    labels = routing_targets(student, dense, ids, "norm")[0].view(4, 16, 4)
+    logits = torch.randn(4, 16, 4)
+    whole = pa_loss(logits, labels)
+    singles = torch.stack([pa_loss(logits[i], labels[i]) for i in range(4)])
+    torch.testing.assert_close(whole, singles.mean())
+    # and the labels of the batch are the labels of its sequences, each computed alone
+    alone = torch.cat([routing_targets(student, dense, ids[i : i + 1], "norm")[0] for i in range(4)])
+    assert torch.equal(labels.view(-1, 4), alone)
+
+
+@pytest.mark.parametrize("method", PSEUDO_LABELS.names())
+def test_pseudo_labels_choose_k_experts(method):
+    outs, y = torch.randn(10, 6, 8), torch.randn(10, 8)
+    labels = PSEUDO_LABELS.get(method)(outs, y, 2)
+    assert labels.shape == (10, 6) and torch.all(labels.sum(-1) == 2)
+
+
+def test_lstsq_labels_pick_the_exact_pair():
+    outs = torch.randn(5, 6, 8)
+    y = outs[:, 1] + outs[:, 4]
+    assert torch.all(PSEUDO_LABELS.get("lstsq")(outs, y, 2).nonzero()[:, 1].view(5, 2) == torch.tensor([1, 4]))
+
+
+def _router_grad(gating, loss_name, straight_through=False):
+    student, dense = _pair(FactorConfig(4, 2, gating=gating))
+    block = student.model.layers[1].mlp
+    block.router.straight_through = straight_through
+    ids = _windows(2)
+    student.zero_grad()
+    if loss_name == "pa":
+        labels = routing_targets(student, dense, ids, "norm")[1]
+        x = torch.randn(32, 32)
+        pa_loss(block.router(x).logits, labels[:32]).backward()
+    else:
+        logits = student(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    g = block.router.net.weight.grad
+    return 0.0 if g is None else g.abs().sum().item()
+
+
+@pytest.mark.parametrize("gating", ["hard", "softmax", "softmax_renorm"])
+def test_router_gets_gradient_from_pa_loss_under_every_gating(gating):
+    assert _router_grad(gating, "pa") > 0
+
+
+@pytest.mark.parametrize("gating", ["softmax", "softmax_renorm"])
+def test_router_gets_gradient_from_lm_loss_under_softmax_gatings(gating):
+    assert _router_grad(gating, "lm") > 0
+
+
+def test_hard_gating_passes_lm_gradient_only_with_straight_through():
+    assert _router_grad("hard", "lm") == 0.0
+    assert _router_grad("hard", "lm", straight_through=True) > 0
+
+
+def _trained_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".router." in n or ".experts." in n}
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("end2end", dict(train_experts=True, distill_weight=1.0, pa_weight=0.1, switch_weight=0.01)),
+    ("layerwise", dict(train_experts=True, recon_weight=1.0, token_batch=64, layerwise_tokens=128)),
+])
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, mode, extra):
+    data = TrainData(_windows(8))
+    cfg = TrainConfig(mode=mode, max_steps=5, save_every=2, lr=1e-2, batch_size=2, seed=3, **extra)
+    a, dense = _pair()
+    train(a, dense, data, dataclass_replace(cfg, output_dir=str(tmp_path / "a")), progress=False)
+
+    b, _ = _pair()
+    kill_at = 3 if mode == "end2end" else 8  # layerwise: step 3 of layer 1 (5 steps a layer)
+    seen = []
+
+    def killer(step, row):
+        seen.append(row)
+        if len(seen) == kill_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(b, dense, data, dataclass_replace(cfg, output_dir=str(tmp_path / "b")), callbacks=[killer],
+              progress=False)
+    c, _ = _pair()  # a fresh process would start from the converted model again
+    train(c, dense, data, dataclass_replace(cfg, output_dir=str(tmp_path / "b"), resume=True), progress=False)
+    want, got = _trained_state(a), _trained_state(c)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert not torch.equal(want["model.layers.1.mlp.router.net.weight"],
+                           _trained_state(_pair()[0])["model.layers.1.mlp.router.net.weight"])
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    student, dense = _pair()
+    cfg = TrainConfig(mode="end2end", max_steps=6, save_every=1, batch_size=2, output_dir=str(tmp_path))
+
+    def poison(step, row):
+        if step == 2:
+            with torch.no_grad():
+                student.model.layers[0].mlp.router.net.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 2; the last good checkpoint is kept.*lr="):
+        train(student, dense, TrainData(_windows(4)), cfg, callbacks=[poison], progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["params"].values())
+
+
+def test_training_lowers_the_pa_loss():
+    student, dense = _pair(FactorConfig(8, 2, gating="softmax_renorm"))
+    res = train(student, dense, TrainData(_windows(8)), TrainConfig(max_steps=60, lr=3e-2, token_batch=128),
+                progress=False)
+    layer0 = [r["loss"] for r in res.history if r["stage"] == "layer 0"]
+    assert layer0[-1] < 0.7 * layer0[0]
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    student, dense = _pair()
+    with pytest.raises(ValueError, match="training data must be windows"):
+        TrainData(torch.empty(0, 16, dtype=torch.long))
+    from factorllm.data import pack
+
+    with pytest.raises(ValueError, match="fewer than one window"):
+        pack(torch.arange(10), 16)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        train(student, dense, TrainData(token_batch(2, 200)), TrainConfig(), progress=False)
+    with pytest.raises(ValueError, match="teacher does not match the student: num_hidden_layers"):
+        import transformers as tf
+
+        other = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=3,
+                                                                   num_attention_heads=4, intermediate_size=64))
+        train(student, other, TrainData(_windows(2)), TrainConfig(), progress=False)
+    with pytest.raises(ValueError, match="teacher must be the dense model"):
+        train(student, student, TrainData(_windows(2)), TrainConfig(), progress=False)
+    # a checkpoint written by another config
+    cfg = TrainConfig(max_steps=2, save_every=1, token_batch=32, layerwise_tokens=64, output_dir=str(tmp_path))
+    train(student, dense, TrainData(_windows(4)), cfg, progress=False)
+    with pytest.raises(ValueError, match="different training config"):
+        train(student, dense, TrainData(_windows(4)), dataclass_replace(cfg, lr=0.5, resume=True), progress=False)
+    with pytest.raises(ValueError, match="oracle gating has no router"):
+        train(set_routing_(_pair()[0], gating="oracle"), dense, TrainData(_windows(2)), TrainConfig(), progress=False)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(mode="joint"), "mode="), (dict(train_router=False), "nothing to train"),
+    (dict(mode="layerwise", lm_weight=1.0), "need mode='end2end'"), (dict(pa_weight=0.0), "train_router needs"),
+    (dict(train_experts=True, train_router=False), "train_experts needs"), (dict(resume=True), "resume needs"),
+    (dict(pseudo_label="best"), "unknown pseudo-label"),
+])
+def test_train_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**kw)
+
+
+DDP_SCRIPT = Path(__file__).with_name("ddp_train_script.py")
+
+
+def test_two_processes_give_the_same_loss_curve_as_one(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one.json"
+    two = tmp_path / "two.json"
+    subprocess.run([sys.executable, str(DDP_SCRIPT), str(one)], check=True, env=env, timeout=300)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(DDP_SCRIPT), str(two)]
+    subprocess.run(launch, check=True, env=env, timeout=300)
+    ra, rb = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (ra["processes"], rb["processes"]) == (1, 2)
+    a, b = ra["losses"], rb["losses"]
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
+    assert a[-1] < a[0]
