@@ -25,7 +25,8 @@ from factorllm.train import (
 )
 
 
-def _pair(cfg=FactorConfig(4, 2, gating="softmax_renorm"), family="llama"):
+def _pair(cfg=None, family="llama"):
+    cfg = cfg or FactorConfig(4, 2, gating="softmax_renorm")
     dense = tiny_model(family)
     return convert_(copy.deepcopy(dense), cfg, progress=False), dense
 
@@ -93,8 +94,9 @@ def _router_grad(gating, loss_name, straight_through=False):
         x = torch.randn(32, 32)
         pa_loss(block.router(x).logits, labels[:32]).backward()
     else:
-        logits = student(input_ids=ids).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        from factorllm.losses import lm_loss
+
+        lm_loss(student(input_ids=ids).logits, ids).backward()
     g = block.router.net.weight.grad
     return 0.0 if g is None else g.abs().sum().item()
 
@@ -228,7 +230,8 @@ def test_two_processes_give_the_same_loss_curve_as_one(tmp_path):
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
     subprocess.run([sys.executable, str(DDP_SCRIPT), str(one)], check=True, env=env, timeout=300)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # NOTE: `--cpu` alone starts one process; the torchrun launcher starts two, which form a gloo group on CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(DDP_SCRIPT), str(two)]
     subprocess.run(launch, check=True, env=env, timeout=300)
     ra, rb = json.loads(one.read_text()), json.loads(two.read_text())

@@ -385,7 +385,10 @@ def train(model: nn.Module, teacher: nn.Module, data: TrainData | torch.Tensor, 
     check_teacher(model, teacher)
     _check_window(model, data)
     torch.manual_seed(cfg.seed)
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    # NOTE: cpu=True where there is no accelerator, so that processes started by `accelerate launch` (torchrun)
+    # form a gloo process group instead of running alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     teacher.eval().requires_grad_(False)
     ckpt = Checkpointer(cfg.output_dir, _fingerprint(model, cfg, data))
     resume = ckpt.load() if cfg.resume else None
