@@ -50,3 +50,22 @@ def test_convert_bad_input_is_one_clear_line(tiny_folder, tmp_path, capsys, bad,
 def test_help_is_fast_and_lists_convert():
     out = subprocess.run([sys.executable, "-m", "factorllm.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "convert" in out.stdout
+
+
+def test_train_cli_trains_routers_and_saves(tiny_folder, tmp_path):
+    moe = tmp_path / "moe"
+    assert main(["convert", "--model", str(tiny_folder), "--experts", "4", "--top-k", "2", "--partition",
+                 "contiguous", "--gating", "sum", "--output", str(moe)]) == 0
+    before, _ = load(moe)
+    text = tmp_path / "corpus.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    rc = main(["train", "--model", str(moe), "--data", str(text), "--window", "64", "--tokens", "1024",
+               "--steps", "3", "--token-batch", "64", "--output", str(tmp_path / "run")])
+    assert rc == 0
+    after, _ = load(tmp_path / "run" / "model")
+    w0 = before.model.layers[0].mlp.router.net.weight
+    assert not torch.equal(w0, after.model.layers[0].mlp.router.net.weight)
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    # an existing run is not overwritten by accident
+    assert main(["train", "--model", str(moe), "--data", str(text), "--window", "64", "--tokens", "1024",
+                 "--steps", "3", "--output", str(tmp_path / "run")]) == 2

@@ -105,3 +105,5 @@ def test_gatings_shapes_and_weights():
     assert torch.all(w.sum(-1) < 1)
     w, _ = GATINGS.get("oracle")(logits, 3)
     assert torch.all(w == 1.0)
+    w, _ = GATINGS.get("sum")(logits, 3)
+    assert torch.all(w == 1.0)

@@ -17,7 +17,7 @@ class FactorConfig:
         partition: how neurons are grouped into experts; a name from `factorllm.partition.PARTITIONS`
             (`contiguous`, `random`, `kmeans`, `coactivation`, `importance`).
         gating: how router logits become expert weights; a name from `factorllm.router.GATINGS`
-            (`hard`, `softmax_renorm`, `softmax`, `oracle`).
+            (`hard`, `sum`, `softmax_renorm`, `softmax`, `oracle`).
         router: the router network; a name from `factorllm.router.ROUTERS` (`linear`, `mlp`).
         shared_neurons: this many most-used neurons (measured on calibration data) form an always-on shared
             expert outside the routing; the rest is split into the E routed experts.

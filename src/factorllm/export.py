@@ -81,10 +81,12 @@ def _expert_scale(fmt: str, block: MoEFeedForward, gatings: tuple[str, ...]) -> 
     gating, k = block.router.gating, block.router.top_k
     if gating in gatings:
         return 1.0
-    if gating == "hard" and k == 1:
-        return float(block.num_experts)  # target weight 1 (one expert, renormalised) times E/k folded in
+    if gating in ("hard", "sum") and k == 1:
+        # target weight 1 (one expert, renormalised); hard's E/k is folded into the experts
+        return float(block.num_experts) if gating == "hard" else 1.0
     _refuse(fmt, f"{gating!r} gating with top_k={k} has no equivalent there",
-            f"convert with gating={gatings[0]!r}" + (" (or hard gating with top_k=1)" if gating == "hard" else ""))
+            f"convert with gating={gatings[0]!r}" + (f" (or {gating} gating with top_k=1)" if gating in ("hard", "sum")
+                                                       else ""))
 
 
 def _check_common(fmt: str, model: nn.Module, families: tuple[str, ...], gatings: tuple[str, ...],

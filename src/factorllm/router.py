@@ -67,6 +67,17 @@ def hard_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return logits.new_full(indices.shape, num_experts / k), indices
 
 
+@GATINGS.register("sum")
+def sum_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k experts added as they are, each at weight 1: the oracle's weighting with a learned router.
+
+    NOTE: factorized experts are exact parts of the dense FFN, so the chosen ones need no rescale; `hard`'s
+    E/k assumes every expert carries an equal share, which the measured partitions are far from.
+    """
+    indices = logits.topk(k, dim=-1).indices  # [T, k]
+    return logits.new_ones(indices.shape), indices
+
+
 @GATINGS.register("softmax_renorm")
 def softmax_renorm_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral: softmax over the k chosen logits (the weights sum to 1)."""
@@ -119,7 +130,7 @@ class Router(nn.Module):
         else:
             logits = self.net(x)  # [T, E]
         weights, indices = self._gate(logits, self.top_k)  # [T, k], [T, k]
-        if self.straight_through and self.gating == "hard" and torch.is_grad_enabled():
+        if self.straight_through and self.gating in ("hard", "sum") and torch.is_grad_enabled():
             p = logits.softmax(dim=-1).gather(1, indices)  # [T, k]
             weights = weights + (p - p.detach())
         return RouterOutput(logits, weights, indices)

@@ -49,6 +49,7 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, overwri
         meta = {
             "format_version": FORMAT_VERSION,
             "factor_config": model.factor_config.to_dict(),
+            "source_model": getattr(model, "factor_source", None),
             "layers": {
                 name: {
                     "expert_sizes": block.experts.sizes,
@@ -126,6 +127,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
             f"unexpected {sorted(unexpected)[:5]}); the folder is damaged, save the model again"
         )
     model.factor_config = config
+    model.factor_source = meta.get("source_model")
     model.eval()
     tokenizer = None
     if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):

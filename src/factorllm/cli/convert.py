@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     needs_calib = PARTITIONS.get(cfg.partition).needs_calibration or cfg.shared_neurons > 0
     calib = calibration_windows(tok, args) if needs_calib else None
     convert_(model, cfg, calib=calib)
+    model.factor_source = args.model  # the dense model: `factorllm train` uses it as the default teacher
     save(model, out, tok, overwrite=args.overwrite)
     print(f"wrote {out} ({cfg.num_experts} experts, top-{cfg.top_k}, partition {cfg.partition})")
     return 0

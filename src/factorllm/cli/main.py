@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factorllm.cli import bench, convert, export
+from factorllm.cli import bench, convert, export, train
 
-SUBCOMMANDS = [convert, export, bench]
+SUBCOMMANDS = [convert, train, export, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
         # Bad input: one clear line, no traceback. Bugs (anything else) keep their traceback.
         print(f"factorllm {args.command}: error: {err}", file=sys.stderr)
         return 2
