@@ -25,3 +25,22 @@ def test_inference_path_equals_naive(path, gated, bias, sizes, routing, tokens):
     with torch.no_grad():
         torch.testing.assert_close(experts(x, weights, indices), experts.forward_naive(x, weights, indices),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_view_cache_survives_training_and_deepcopy():
+    import copy
+
+    experts = Experts.from_ffn(_ffn(True, False), _partition([8] * 6))
+    x, idx = torch.randn(1, 12), torch.tensor([[1, 4]])
+    w = torch.ones(1, 2)
+    with torch.no_grad():
+        experts(x, w, idx)  # fills the cache
+    opt = torch.optim.SGD(experts.parameters(), lr=0.1)
+    experts.forward_naive(x, w, idx).sum().backward()
+    opt.step()  # in-place update of the parameters behind the cached views
+    clone = copy.deepcopy(experts)
+    with torch.no_grad():
+        for m in (experts, clone):
+            torch.testing.assert_close(m(x, w, idx), m.forward_naive(x, w, idx), atol=1e-5, rtol=1e-5)
+        clone.w_in.mul_(2)  # the copy owns its storage: the original is untouched
+        assert not torch.allclose(clone(x, w, idx), experts(x, w, idx))

@@ -45,6 +45,11 @@ class Experts(nn.Module):
         self.w_out = nn.Parameter(torch.zeros(E, hidden, I, dtype=dtype))  # [E, D, I]
         self.b_in = nn.Parameter(torch.zeros(E, m * I, dtype=dtype)) if bias_in else None  # [E, m*I]
 
+    def __getstate__(self) -> dict:
+        # The view cache is derived state: copies and pickles rebuild it (views of the old parameters would
+        # point at the old storage, and autograd forbids copying views taken before an in-place update).
+        return {**super().__getstate__(), "_views": None}
+
     @property
     def num_experts(self) -> int:
         return len(self.sizes)
