@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.factorllm-installed
 export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
 export HF_HOME        := $(CURDIR)/.hf_home
 export TOKENIZERS_PARALLELISM := false
 
