@@ -98,7 +98,8 @@ def loglikelihood_accuracy(model: nn.Module, tokenizer, name: str, limit: int | 
     correct = 0
     for doc in docs:
         context = _render(spec.doc_to_text, doc)
-        scores = [continuation_logprob(model, *encode_pair(tokenizer, context, " " + c))[0] for c in _choices(spec, doc)]
+        pairs = [encode_pair(tokenizer, context, " " + c) for c in _choices(spec, doc)]
+        scores = [continuation_logprob(model, *pair)[0] for pair in pairs]
         correct += int(max(range(len(scores)), key=scores.__getitem__) == int(_render(spec.doc_to_target, doc)))
     return correct / len(docs)
 
@@ -111,7 +112,8 @@ def harness_accuracy(model: nn.Module, tokenizer, names: list[str], limit: int |
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError("the harness path needs lm-evaluation-harness: pip install 'factorllm[eval]'") from err
+        raise ModuleNotFoundError(
+            "the harness path needs lm-evaluation-harness: pip install 'factorllm[eval]'") from err
     unknown = set(names) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {sorted(TASKS)}")
