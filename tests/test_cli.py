@@ -69,3 +69,17 @@ def test_train_cli_trains_routers_and_saves(tiny_folder, tmp_path):
     # an existing run is not overwritten by accident
     assert main(["train", "--model", str(moe), "--data", str(text), "--window", "64", "--tokens", "1024",
                  "--steps", "3", "--output", str(tmp_path / "run")]) == 2
+
+
+def test_eval_cli_on_a_factorized_tiny_model(tiny_folder, tmp_path, capsys):
+    import json
+
+    moe = tmp_path / "moe"
+    assert main(["convert", "--model", str(tiny_folder), "--experts", "4", "--top-k", "2", "--partition",
+                 "contiguous", "--output", str(moe)]) == 0
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(moe), "--window", "64", "--eval-windows", "2", "--cloze", "4",
+                 "--tasks", "piqa,boolq", "--task-limit", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["ppl"]) == {"pydoc", "kjv"} and set(res["accuracy"]) == {"piqa", "boolq"}
+    assert len(res["routing"]) == 2 and "oracle agreement" in capsys.readouterr().out

@@ -47,3 +47,38 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(nll / count)
+
+
+DOMAINS = ("pydoc", "kjv")
+
+
+def evaluate_model(model: nn.Module, tokenizer, window: int = 512, eval_windows: int = 8, cloze: int = 64,
+                   tasks: list[str] | None = None, task_limit: int | None = None, scorer: str = "own",
+                   progress: bool = True) -> dict:
+    """Everything `factorllm eval` reports, as one dict.
+
+    Keys: `ppl` (per domain: Python docs, held-out KJV books), `cloze` (LAMBADA-style last-word accuracy per
+    domain), `accuracy` (per fixture task; `scorer` is `own` or `harness`), and for factorized models
+    `routing` (per-layer statistics on the Python docs).
+    """
+    from factorllm.data import kjv_text, pydoc_text, tokenize, windows
+    from factorllm.metrics import routing_stats
+    from factorllm.moe import moe_layers
+    from factorllm.tasks import TASKS, cloze_accuracy, cloze_items, harness_accuracy, loglikelihood_accuracy
+
+    if scorer not in ("own", "harness"):
+        raise ValueError(f"scorer={scorer!r}; use 'own' or 'harness'")
+    tasks = sorted(TASKS) if tasks is None else tasks
+    texts = {"pydoc": pydoc_text(), "kjv": kjv_text("heldout")}
+    ids = {d: windows(tokenize(tokenizer, t), window, eval_windows, seed=0) for d, t in texts.items()}
+    out: dict = {"ppl": {}, "cloze": {}, "accuracy": {}}
+    for d in DOMAINS:
+        out["ppl"][d] = perplexity(model, ids[d].reshape(-1), window=window, progress=progress)
+        if cloze:
+            out["cloze"][d] = cloze_accuracy(model, tokenizer, cloze_items(texts[d], cloze, seed=0))
+    if tasks:
+        out["accuracy"] = harness_accuracy(model, tokenizer, tasks, limit=task_limit) if scorer == "harness" else \
+            {t: loglikelihood_accuracy(model, tokenizer, t, limit=task_limit) for t in tasks}
+    if moe_layers(model):
+        out["routing"] = routing_stats(model, ids["pydoc"][:2])
+    return out

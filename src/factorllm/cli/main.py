@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factorllm.cli import bench, convert, export, train
+from factorllm.cli import bench, convert, eval, export, train
 
-SUBCOMMANDS = [convert, train, export, bench]
+SUBCOMMANDS = [convert, train, eval, export, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
