@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) benchmarks/partition_table.py
+	$(VENV)/bin/factorllm run --preset quick --output out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
