@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 FIXTURES = Path(__file__).parent
 
@@ -96,7 +97,7 @@ def loglikelihood_accuracy(model: nn.Module, tokenizer, name: str, limit: int | 
     spec = TASKS[name]
     docs = spec.docs()[:limit]
     correct = 0
-    for doc in docs:
+    for doc in tqdm(docs, desc=f"task {name}", leave=False):
         context = _render(spec.doc_to_text, doc)
         pairs = [encode_pair(tokenizer, context, " " + c) for c in _choices(spec, doc)]
         scores = [continuation_logprob(model, *pair)[0] for pair in pairs]
@@ -140,5 +141,6 @@ def cloze_items(text: str, count: int, min_words: int = 12, seed: int = 0) -> li
 
 def cloze_accuracy(model: nn.Module, tokenizer, items: list[tuple[str, str]]) -> float:
     """Share of items whose last word greedy decoding reproduces exactly (LAMBADA's accuracy)."""
-    hits = [continuation_logprob(model, *encode_pair(tokenizer, ctx, " " + word))[1] for ctx, word in items]
+    hits = [continuation_logprob(model, *encode_pair(tokenizer, ctx, " " + word))[1]
+            for ctx, word in tqdm(items, desc="cloze", leave=False)]
     return sum(hits) / len(hits)
