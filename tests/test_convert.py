@@ -110,3 +110,25 @@ def test_converted_model_generates(llama):
     moe = convert_(copy.deepcopy(llama), FactorConfig(4, 2, gating="softmax_renorm"), progress=False)
     out = moe.generate(token_batch(1, 5), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("family", ["llama-bias", "gpt2"])
+def test_to_dense_weights_rebuilds_the_original_ffn(family):
+    from factorllm.adapters import adapter_for
+
+    dense = tiny_model(family)
+    original = adapter_for(dense.get_submodule(_first_mlp(dense))).read(dense.get_submodule(_first_mlp(dense)))
+    moe = convert_(copy.deepcopy(dense), FactorConfig(3, 1, partition="coactivation", shared_neurons=4,
+                                                      expert_sizes=(10, 20, 30)), calib=CALIB, progress=False)
+    rebuilt = moe.get_submodule(_first_mlp(dense)).to_dense_weights()
+    for name in ("w_in", "w_up", "w_out", "b_in", "b_up", "b_out"):
+        a, b = getattr(original, name), getattr(rebuilt, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(b, a.detach(), atol=0, rtol=0, msg=name)
+
+
+def _first_mlp(model):
+    from factorllm.adapters import find_ffns
+
+    return find_ffns(model)[0][0]

@@ -58,7 +58,8 @@ class MoEFeedForward(nn.Module):
             seed: seed of the router's initialisation (default `config.seed`).
 
         Example:
-            >>> moe = MoEFeedForward.from_dense(model.model.layers[0].mlp, cfg, contiguous_partition(1536, [192] * 8))
+            >>> part = list(torch.randperm(1536).view(8, 192))  # 8 experts of 192 neurons
+            >>> moe = MoEFeedForward.from_dense(model.model.layers[0].mlp, FactorConfig(8, 2), part)
         """
         ffn = adapter_for(mlp).read(mlp)
         _check_partition(ffn, partition, shared, config)
