@@ -21,7 +21,8 @@ def add_factor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default="linear", choices=ROUTERS.names())
     p.add_argument("--shared-neurons", type=int, default=0, help="always-on shared expert width (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calib-data", default="kjv", help="calibration corpus: kjv, kjv-heldout, pydoc, or a text file")
+    p.add_argument("--calib-data", default="kjv",
+                   help="calibration text: kjv, kjv-heldout, pydoc, a text file, a folder of .txt, or a HF dataset")
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--calib-window", type=int, default=512, help="calibration sequence length (default 512)")
 
@@ -41,27 +42,13 @@ def load_for_cli(args: argparse.Namespace):
     return load_model(args.model)
 
 
-def read_text(source: str) -> str:
-    """A corpus name from factorllm.data.CORPORA, or the path of a UTF-8 text file."""
-    from pathlib import Path
-
-    from factorllm.data import CORPORA, corpus_text
-
-    if source in CORPORA:
-        return corpus_text(source)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{source} is neither a corpus ({sorted(CORPORA)}) nor a text file")
-    return path.read_text(encoding="utf-8")
-
-
 def calibration_windows(tokenizer, args: argparse.Namespace):
     """`--calib-tokens` tokens of `--calib-data`, as random windows of `--calib-window` tokens."""
-    from factorllm.data import tokenize, windows
+    from factorllm.data import load_text, tokenize, windows
 
     if args.calib_tokens < 1:
         raise ValueError(f"--calib-tokens={args.calib_tokens} must be >= 1")
     window = min(args.calib_window, args.calib_tokens)
-    ids = tokenize(tokenizer, read_text(args.calib_data))
+    ids = tokenize(tokenizer, load_text(args.calib_data))
     count = max(1, args.calib_tokens // window)
     return list(windows(ids, window, count=count, seed=args.seed).split(4))  # batches of [<=4, window]
