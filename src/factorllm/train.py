@@ -515,7 +515,7 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, params, ckpt, resum
         # Mark the layer done, so a resume starts at the next one.
         ckpt.save({"layer": li + 1, "step": 0, "optimizer": None, "scheduler": None,
                    "params": _trainable_state(model), "history": result.history})
-    del params  # every block trained in turn
+    # NOTE: `params` (every trainable tensor) is unused here: each block trains alone on its own.
 
 
 class _LayerCheckpointer(Checkpointer):
