@@ -64,10 +64,11 @@ def plot_pareto(results: dict, path: Path) -> None:
     for ax, xkey, xlabel in ((axes[0], "ffn_compute_fraction", "FFN compute (share of dense)"),
                              (axes[1], "decode_speedup", "decode speed-up over dense (measured)")):
         for d, color in zip(domains, ("tab:blue", "tab:orange", "tab:green"), strict=False):
-            xs = [dense[xkey]] + [c[xkey] for c in configs]
-            ax.plot(xs, [dense["ppl"][d]] + [c["ppl"][d] for c in configs], "o-", color=color, label=f"{d} trained")
-            ax.plot(xs, [dense["ppl"][d]] + [c["oracle_ppl"][d] for c in configs], "o:", color=color,
-                    alpha=0.6, label=f"{d} oracle router")
+            points = sorted([(dense[xkey], dense["ppl"][d], dense["ppl"][d])] +
+                            [(c[xkey], c["ppl"][d], c["oracle_ppl"][d]) for c in configs])  # joined left to right
+            xs, trained, oracle = zip(*points, strict=True)
+            ax.plot(xs, trained, "o-", color=color, label=f"{d} trained")
+            ax.plot(xs, oracle, "o:", color=color, alpha=0.6, label=f"{d} oracle router")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out perplexity")
