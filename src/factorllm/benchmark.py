@@ -189,24 +189,32 @@ def bench_model(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: No
     dense, _ = load_model(cfg.model, dtype=cfg.torch_dtype)
     dense.to(cfg.device)
     moe = convert_(copy.deepcopy(dense), FactorConfig(cfg.num_experts, cfg.top_k), progress=False)
+    return time_whole_model(dense, moe, cfg.prompt_tokens, cfg.decode_tokens, cfg.model_repeats, cfg.device,
+                            cfg.model, progress)
+
+
+@torch.no_grad()
+def time_whole_model(dense: nn.Module, moe: nn.Module, prompt_tokens: int = 512, decode_tokens: int = 32,
+                     repeats: int = 5, device: str = "cpu", name: str = "",
+                     progress: Callable[[str], None] = lambda s: None) -> ModelResult:
+    """Prefill tokens/s over a `prompt_tokens` prompt and decode tokens/s through `generate` with a KV cache,
+    dense and MoE interleaved."""
     vocab = dense.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, cfg.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(cfg.device)
+    prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
     progress("prefill")
     # NOTE: prefill as `generate` runs it: a KV cache is filled and only the last position's logits are
     # computed (the full [512, vocab] LM head would be a fifth of the FLOPs and measure nothing of the FFNs).
     fill = dict(use_cache=True, logits_to_keep=1)
     pre = time_interleaved({"dense": lambda: dense(input_ids=prompt, **fill),
-                            "moe": lambda: moe(input_ids=prompt, **fill)}, cfg.model_repeats, 1, cfg.device)
+                            "moe": lambda: moe(input_ids=prompt, **fill)}, repeats, 1, device)
     short = prompt[:, :16]
-    gen = dict(max_new_tokens=cfg.decode_tokens, min_new_tokens=cfg.decode_tokens, do_sample=False,
-               pad_token_id=0)
+    gen = dict(max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
     progress("decode")
     dec = time_interleaved({"dense": lambda: dense.generate(short, **gen), "moe": lambda: moe.generate(short, **gen)},
-                           cfg.model_repeats, 1, cfg.device)
-    n, p = cfg.decode_tokens, cfg.prompt_tokens
+                           repeats, 1, device)
+    n, p = decode_tokens, prompt_tokens
     return ModelResult(
-        cfg.model, p, n, p / pre["dense"] * 1e3, p / pre["moe"] * 1e3, pre["dense"] / pre["moe"],
+        name, p, n, p / pre["dense"] * 1e3, p / pre["moe"] * 1e3, pre["dense"] / pre["moe"],
         n / dec["dense"] * 1e3, n / dec["moe"] * 1e3, dec["dense"] / dec["moe"],
     )
 

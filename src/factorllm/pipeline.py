@@ -85,7 +85,7 @@ def run(cfg: RunConfig, output: str | Path, log: Callable[[str], None] = print) 
     import torch
 
     from factorllm import evaluate
-    from factorllm.benchmark import BenchConfig, time_interleaved
+    from factorllm.benchmark import time_whole_model
     from factorllm.convert import convert_
     from factorllm.data import kjv_text, tokenize, windows
     from factorllm.loading import load_model
@@ -130,19 +130,8 @@ def run(cfg: RunConfig, output: str | Path, log: Callable[[str], None] = print) 
             set_routing_(copy.deepcopy(model), gating="oracle"), tok, **{**ev, "cloze": 0}, tasks=[]))
 
         def timing(model=model) -> dict:
-            bc = BenchConfig(num_experts=cfg.experts, top_k=model.factor_config.top_k, repeats=cfg.bench_repeats)
-            prompt = torch.randint(0, dense.config.vocab_size, (1, cfg.window), generator=torch.Generator()
-                                   .manual_seed(0))
-            fill = dict(use_cache=True, logits_to_keep=1)
-            with torch.no_grad():
-                pre = time_interleaved({"dense": lambda: dense(input_ids=prompt, **fill),
-                                        "moe": lambda: model(input_ids=prompt, **fill)}, bc.repeats, 1, "cpu")
-                gen = dict(max_new_tokens=cfg.decode_tokens, min_new_tokens=cfg.decode_tokens, do_sample=False,
-                           pad_token_id=0)
-                short = prompt[:, :16]
-                dec = time_interleaved({"dense": lambda: dense.generate(short, **gen),
-                                        "moe": lambda: model.generate(short, **gen)}, bc.repeats, 1, "cpu")
-            return {"prefill_speedup": pre["dense"] / pre["moe"], "decode_speedup": dec["dense"] / dec["moe"],
+            r = time_whole_model(dense, model, cfg.window, cfg.decode_tokens, cfg.bench_repeats, name=cfg.model)
+            return {"prefill_speedup": r.prefill_speedup, "decode_speedup": r.decode_speedup,
                     "threads": torch.get_num_threads(), "prompt_tokens": cfg.window,
                     "decode_tokens": cfg.decode_tokens}
 
