@@ -146,3 +146,18 @@ def test_cli_export(tmp_path, tiny_folder, capsys):
     assert "pass tokenizer_gguf=" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mix")
     assert stock.config.num_local_experts == 4
+
+
+def test_dense_llama_writes_a_dense_gguf(tmp_path):
+    import gguf
+
+    dense = tiny_model("llama")
+    path = export(dense, tmp_path / "d.gguf", "gguf")
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"} <= names
+    assert not any("exps" in n for n in names)
+    meta = {f.name: f.contents() for f in reader.fields.values()}
+    assert meta["llama.feed_forward_length"] == 64 and "llama.expert_count" not in meta
+    with pytest.raises(ValueError, match="dense 'gpt2' models"):
+        export(tiny_model("gpt2"), tmp_path / "g.gguf", "gguf")

@@ -76,3 +76,28 @@ def test_smollm2_gguf_export_carries_the_source_tokenizer(smollm2, tmp_path):
     assert fields["tokenizer.ggml.model"].contents() == src["tokenizer.ggml.model"].contents()
     assert fields["tokenizer.ggml.tokens"].contents() == src["tokenizer.ggml.tokens"].contents()
     assert fields["llama.expert_count"].contents() == 8
+
+
+def test_llamacpp_runs_the_exported_moe_gguf_like_torch(smollm2, tmp_path):
+    """The exported 8-expert SmolLM2 GGUF (F32) continues a fixed prompt in llama.cpp as the factorllm model
+    does in torch, for at least the first 16 of 32 greedy tokens."""
+    pytest.importorskip("llama_cpp", reason="pip install 'factorllm[llamacpp]'")
+    from factorllm import export
+    from factorllm.benchmark import llamacpp_greedy, llamacpp_model
+    from factorllm.loading import embedded_gguf
+
+    model, tok = smollm2
+    moe = convert_(copy.deepcopy(model), FactorConfig(8, 2, gating="softmax_renorm", router="linear_nobias",
+                                                      partition="importance"),
+                   calib=[windows(tokenize(tok, kjv_text("train"), max_tokens=2048), 256, count=4, seed=0)],
+                   progress=False)
+    path = export(moe, tmp_path / "moe.gguf", "gguf", tokenizer=tok, gguf_type="f32",
+                  tokenizer_gguf=str(embedded_gguf("smollm2-135m")))
+    prompt = tok("The Python for statement is used to", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ours = moe.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    ours = ours[0, len(prompt):].tolist()
+    theirs, _ = llamacpp_greedy(llamacpp_model(str(path), threads=2), prompt, 32)
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), 32)
+    print(f"llama.cpp and torch agree on the first {agree} of 32 greedy tokens")
+    assert agree >= 16, (tok.decode(ours), tok.decode(theirs))

@@ -253,3 +253,75 @@ def format_result(result: BenchResult) -> str:
             f"moe {m.moe_decode_tok_s:.1f} tok/s, speed-up {m.decode_speedup:.2f}x",
         ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp (optional: pip install 'factorllm[llamacpp]', which compiles llama.cpp)
+
+@dataclass
+class LlamaCppResult:
+    gguf_type: str
+    threads: int
+    prompt_tokens: int
+    decode_tokens: int
+    dense_prefill_tok_s: float
+    moe_prefill_tok_s: float
+    prefill_speedup: float
+    dense_decode_tok_s: float
+    moe_decode_tok_s: float
+    decode_speedup: float
+    dense_text: str
+    moe_text: str
+
+
+def llamacpp_model(path: str, threads: int, n_ctx: int = 1024):
+    try:
+        from llama_cpp import Llama
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError("the llama.cpp engine needs llama-cpp-python: pip install 'factorllm[llamacpp]' "
+                                  "(it compiles llama.cpp: about 11 minutes on 2 cores)") from err
+    return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                 verbose=False)
+
+
+def llamacpp_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """Greedy continuation of `prompt` for n tokens, and the seconds the n decode steps took."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        llm.eval([tok])
+    return out, time.perf_counter() - t0
+
+
+def bench_llamacpp(dense_gguf: str, moe_gguf: str, tokenizer, gguf_type: str, threads: int,
+                   prompt_tokens: int = 512, decode_tokens: int = 32, repeats: int = 5,
+                   text_prompt: str = "The Python for statement") -> LlamaCppResult:
+    """Dense GGUF against MoE GGUF in llama.cpp, interleaved: prefill and decode tokens/s, medians."""
+    dense, moe = llamacpp_model(dense_gguf, threads), llamacpp_model(moe_gguf, threads)
+    vocab = dense.n_vocab()
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def prefill(llm):
+        llm.reset()
+        llm.eval(prompt)
+
+    pre = time_interleaved({"dense": lambda: prefill(dense), "moe": lambda: prefill(moe)}, repeats, 1, "cpu")
+    times: dict[str, list[float]] = {"dense": [], "moe": []}
+    for _ in range(repeats):
+        for name, llm in (("dense", dense), ("moe", moe)):
+            times[name].append(llamacpp_greedy(llm, prompt[:16], decode_tokens)[1])
+    dec = {k: statistics.median(v) for k, v in times.items()}
+    ids = tokenizer(text_prompt, add_special_tokens=False)["input_ids"]
+    texts = {name: tokenizer.decode(llamacpp_greedy(llm, ids, decode_tokens)[0])
+             for name, llm in (("dense", dense), ("moe", moe))}
+    p, n = prompt_tokens, decode_tokens
+    return LlamaCppResult(
+        gguf_type, threads, p, n, p / pre["dense"] * 1e3, p / pre["moe"] * 1e3, pre["dense"] / pre["moe"],
+        n / dec["dense"], n / dec["moe"], dec["dense"] / dec["moe"], texts["dense"], texts["moe"],
+    )

@@ -267,8 +267,17 @@ EXPORTERS.register("qwen2_moe")(Exporter(_check_qwen2_moe, _write_qwen2_moe))
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
 
+def _is_dense(model: nn.Module) -> bool:
+    return not any(isinstance(b, MoEFeedForward) for _, b in _blocks(model))
+
+
 def _check_gguf(model: nn.Module) -> None:
-    _check_common("gguf", model, LLAMA_LIKE, ("softmax_renorm",), shared_ok=False)
+    if _is_dense(model):  # the dense baseline, written the same way for a fair comparison
+        if model.config.model_type not in LLAMA_LIKE or getattr(model.config, "mlp_bias", False):
+            _refuse("gguf", f"dense {model.config.model_type!r} models are not written by this exporter",
+                    "use llama.cpp's convert_hf_to_gguf.py for dense models")
+    else:
+        _check_common("gguf", model, LLAMA_LIKE, ("softmax_renorm",), shared_ok=False)
     rope = getattr(model.config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         _refuse("gguf", f"rope_type {rope.get('rope_type')!r} is not written by this exporter",
@@ -296,6 +305,11 @@ def gguf_tensor_map(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{dst}.attn_k.weight"] = _rope_rows_for_gguf(sd[f"{src}.self_attn.k_proj.weight"], cfg.num_key_value_heads)
         out[f"{dst}.attn_v.weight"] = sd[f"{src}.self_attn.v_proj.weight"]
         out[f"{dst}.attn_output.weight"] = sd[f"{src}.self_attn.o_proj.weight"]
+        if not isinstance(block, MoEFeedForward):  # dense FFN
+            out[f"{dst}.ffn_gate.weight"] = block.gate_proj.weight
+            out[f"{dst}.ffn_up.weight"] = block.up_proj.weight
+            out[f"{dst}.ffn_down.weight"] = block.down_proj.weight
+            continue
         scale = _expert_scale("gguf", block, ("softmax_renorm",))
         I = block.experts.width
         out[f"{dst}.ffn_gate_inp.weight"] = block.router.net.weight  # [E, D]
@@ -323,7 +337,8 @@ def _write_gguf(model: nn.Module, target: Path, tokenizer, gguf_type: str = "f32
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(first.experts.width)
+    dense = _is_dense(model)
+    w.add_feed_forward_length(first.gate_proj.out_features if dense else first.experts.width)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_key_length(head_dim)
@@ -331,8 +346,9 @@ def _write_gguf(model: nn.Module, target: Path, tokenizer, gguf_type: str = "f32
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_expert_count(first.num_experts)
-    w.add_expert_used_count(first.router.top_k)
+    if not dense:
+        w.add_expert_count(first.num_experts)
+        w.add_expert_used_count(first.router.top_k)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
              "q4_1": gguf.GGMLQuantizationType.Q4_1}[gguf_type]

@@ -19,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"],
+                   help="llama.cpp: dense GGUF against MoE GGUF (pip install 'factorllm[llamacpp]')")
+    p.add_argument("--gguf-type", default="q8_0", help="llama.cpp engine: weight type of both GGUFs")
     p.add_argument("--json", help="write the results to this JSON file")
     p.set_defaults(run=run)
 
@@ -35,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         tokens = tuple(int(t) for t in args.tokens.split(","))
     except ValueError as err:
         raise ValueError(f"--shapes takes 'HIDDENxFFN,...' and --tokens 'N,...' ({err})") from err
+    if args.engine == "llama.cpp":
+        return run_llamacpp(args)
     cfg = BenchConfig(
         num_experts=args.experts, top_k=args.top_k, shapes=shapes, tokens=tokens, repeats=args.repeats,
         device=args.device, dtype=args.dtype, threads=args.threads,
@@ -49,4 +54,43 @@ def run(args: argparse.Namespace) -> int:
             data["decode_speedup"] = result.model.decode_speedup
             data["prefill_speedup"] = result.model.prefill_speedup
         atomic_write_text(args.json, json.dumps(data, indent=2))
+    return 0
+
+
+def run_llamacpp(args: argparse.Namespace) -> int:
+    import copy
+    import dataclasses
+    import json
+    import tempfile
+
+    import torch
+
+    from factorllm.benchmark import bench_llamacpp
+    from factorllm.config import FactorConfig
+    from factorllm.convert import convert_
+    from factorllm.export import export
+    from factorllm.loading import EMBEDDED, embedded_gguf, load_model
+    from factorllm.serialization import atomic_write_text
+
+    cfg = FactorConfig(args.experts, args.top_k, gating="softmax_renorm", router="linear_nobias")
+    threads = args.threads or torch.get_num_threads()
+    dense, tok = load_model(args.model)
+    moe = convert_(copy.deepcopy(dense), cfg, progress=False)
+    tok_gguf = str(embedded_gguf(args.model)) if args.model in EMBEDDED else None
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, model in (("dense", dense), ("moe", moe)):
+            paths[name] = str(export(model, f"{tmp}/{name}.gguf", "gguf", tokenizer=tok, gguf_type=args.gguf_type,
+                                     tokenizer_gguf=tok_gguf))
+        r = bench_llamacpp(paths["dense"], paths["moe"], tok, args.gguf_type, threads, args.prompt_tokens,
+                           args.decode_tokens, args.model_repeats)
+    print(f"llama.cpp, {args.gguf_type}, {threads} threads, {args.experts} experts top-{args.top_k}, "
+          f"median of {args.model_repeats} interleaved runs")
+    print(f"  prefill ({r.prompt_tokens} tokens): dense {r.dense_prefill_tok_s:.0f} tok/s, moe "
+          f"{r.moe_prefill_tok_s:.0f} tok/s, speed-up {r.prefill_speedup:.2f}x")
+    print(f"  decode ({r.decode_tokens} tokens): dense {r.dense_decode_tok_s:.1f} tok/s, moe "
+          f"{r.moe_decode_tok_s:.1f} tok/s, speed-up {r.decode_speedup:.2f}x")
+    print(f"  dense text: {r.dense_text!r}\n  moe text:   {r.moe_text!r}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(dataclasses.asdict(r), indent=2))
     return 0
