@@ -63,7 +63,7 @@ def test_mixtral_export_uses_per_expert_checkpoint_names(tmp_path):
     assert not any(".mlp." in k for k in keys)
 
 
-@pytest.mark.parametrize("gguf_type,tol", [("f32", 0.0), ("f16", 2e-3), ("q8_0", 2e-2)])
+@pytest.mark.parametrize("gguf_type,tol", [("f32", 0.0), ("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.2)])
 def test_gguf_reads_back_with_expected_names_shapes_metadata_and_values(tmp_path, gguf_type, tol):
     import gguf
 
@@ -98,6 +98,8 @@ def test_gguf_rope_rows_are_llama_cpp_order():
 @pytest.mark.parametrize("family,fmt,cfg,message", [
     ("llama", "mixtral", FactorConfig(4, 2, gating="hard"), "gating='softmax_renorm'"),
     ("llama", "gguf", FactorConfig(4, 2, gating="softmax"), "gating='softmax_renorm'"),
+    ("llama", "gguf", FactorConfig(4, 2, gating="hard"), "or hard gating with top_k=1"),
+    ("llama", "gguf", FactorConfig(3, 2, gating="softmax_renorm", expert_sizes=(16, 16, 32)), "equal expert sizes"),
     ("llama", "mixtral", FactorConfig(3, 2, gating="softmax_renorm", expert_sizes=(16, 16, 32)), "equal expert sizes"),
     ("llama", "mixtral", FactorConfig(4, 2, gating="softmax_renorm", shared_neurons=16), "use format 'qwen2_moe'"),
     ("qwen2", "mixtral", FactorConfig(4, 2, gating="softmax_renorm"), "'qwen2_moe' for Qwen2"),

@@ -288,12 +288,17 @@ def llamacpp_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], float]:
     """Greedy continuation of `prompt` for n tokens, and the seconds the n decode steps took."""
     import numpy as np
 
+    def last_logits():
+        # NOTE: llama-cpp-python no longer copies logits into `llm.scores` unless logits_all=True (which
+        # computes every position's logits); the context holds the last position's.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
     llm.reset()
     llm.eval(prompt)
     out = []
     t0 = time.perf_counter()
     for _ in range(n):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         out.append(tok)
         llm.eval([tok])
     return out, time.perf_counter() - t0
