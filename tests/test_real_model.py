@@ -97,7 +97,9 @@ def test_llamacpp_runs_the_exported_moe_gguf_like_torch(smollm2, tmp_path):
     with torch.no_grad():
         ours = moe.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
     ours = ours[0, len(prompt):].tolist()
-    theirs, _ = llamacpp_greedy(llamacpp_model(str(path), threads=2), prompt, 32)
+    llm = llamacpp_model(str(path), threads=2)
+    theirs, _ = llamacpp_greedy(llm, prompt, 32)
+    llm.close()
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), 32)
     print(f"llama.cpp and torch agree on the first {agree} of 32 greedy tokens")
     assert agree >= 16, (tok.decode(ours), tok.decode(theirs))

@@ -325,6 +325,8 @@ def bench_llamacpp(dense_gguf: str, moe_gguf: str, tokenizer, gguf_type: str, th
     ids = tokenizer(text_prompt, add_special_tokens=False)["input_ids"]
     texts = {name: tokenizer.decode(llamacpp_greedy(llm, ids, decode_tokens)[0])
              for name, llm in (("dense", dense), ("moe", moe))}
+    for llm in (dense, moe):
+        llm.close()  # NOTE: freeing at interpreter exit instead raises inside llama-cpp-python
     p, n = prompt_tokens, decode_tokens
     return LlamaCppResult(
         gguf_type, threads, p, n, p / pre["dense"] * 1e3, p / pre["moe"] * 1e3, pre["dense"] / pre["moe"],
