@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,7 +77,15 @@ class ModelResult:
     dense_decode_tok_s: float
     moe_decode_tok_s: float
     decode_speedup: float
-    ffn_share_decode: float | None = None  # share of dense decode time spent in FFNs, if measured
+
+    @classmethod
+    def from_medians(cls, model: str, prompt_tokens: int, decode_tokens: int, prefill_ms: dict[str, float],
+                     decode_ms: dict[str, float]) -> ModelResult:
+        """From median milliseconds per prefill and per whole decode, keyed "dense" and "moe"."""
+        p, n = prompt_tokens, decode_tokens
+        return cls(model, p, n, p / prefill_ms["dense"] * 1e3, p / prefill_ms["moe"] * 1e3,
+                   prefill_ms["dense"] / prefill_ms["moe"], n / decode_ms["dense"] * 1e3, n / decode_ms["moe"] * 1e3,
+                   decode_ms["dense"] / decode_ms["moe"])
 
 
 @dataclass
@@ -212,11 +221,7 @@ def time_whole_model(dense: nn.Module, moe: nn.Module, prompt_tokens: int = 512,
     progress("decode")
     dec = time_interleaved({"dense": lambda: dense.generate(short, **gen), "moe": lambda: moe.generate(short, **gen)},
                            repeats, 1, device)
-    n, p = decode_tokens, prompt_tokens
-    return ModelResult(
-        name, p, n, p / pre["dense"] * 1e3, p / pre["moe"] * 1e3, pre["dense"] / pre["moe"],
-        n / dec["dense"] * 1e3, n / dec["moe"] * 1e3, dec["dense"] / dec["moe"],
-    )
+    return ModelResult.from_medians(name, prompt_tokens, decode_tokens, pre, dec)
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda s: None) -> BenchResult:
@@ -260,16 +265,9 @@ def format_result(result: BenchResult) -> str:
 
 @dataclass
 class LlamaCppResult:
+    speed: ModelResult
     gguf_type: str
     threads: int
-    prompt_tokens: int
-    decode_tokens: int
-    dense_prefill_tok_s: float
-    moe_prefill_tok_s: float
-    prefill_speedup: float
-    dense_decode_tok_s: float
-    moe_decode_tok_s: float
-    decode_speedup: float
     dense_text: str
     moe_text: str
 
@@ -321,14 +319,11 @@ def bench_llamacpp(dense_gguf: str, moe_gguf: str, tokenizer, gguf_type: str, th
     for _ in range(repeats):
         for name, llm in (("dense", dense), ("moe", moe)):
             times[name].append(llamacpp_greedy(llm, prompt[:16], decode_tokens)[1])
-    dec = {k: statistics.median(v) for k, v in times.items()}
+    dec = {k: statistics.median(v) * 1e3 for k, v in times.items()}  # ms
     ids = tokenizer(text_prompt, add_special_tokens=False)["input_ids"]
     texts = {name: tokenizer.decode(llamacpp_greedy(llm, ids, decode_tokens)[0])
              for name, llm in (("dense", dense), ("moe", moe))}
     for llm in (dense, moe):
         llm.close()  # NOTE: freeing at interpreter exit instead raises inside llama-cpp-python
-    p, n = prompt_tokens, decode_tokens
-    return LlamaCppResult(
-        gguf_type, threads, p, n, p / pre["dense"] * 1e3, p / pre["moe"] * 1e3, pre["dense"] / pre["moe"],
-        n / dec["dense"], n / dec["moe"], dec["dense"] / dec["moe"], texts["dense"], texts["moe"],
-    )
+    speed = ModelResult.from_medians(Path(moe_gguf).name, prompt_tokens, decode_tokens, pre, dec)
+    return LlamaCppResult(speed, gguf_type, threads, texts["dense"], texts["moe"])

@@ -86,10 +86,11 @@ def run_llamacpp(args: argparse.Namespace) -> int:
                            args.decode_tokens, args.model_repeats)
     print(f"llama.cpp, {args.gguf_type}, {threads} threads, {args.experts} experts top-{args.top_k}, "
           f"median of {args.model_repeats} interleaved runs")
-    print(f"  prefill ({r.prompt_tokens} tokens): dense {r.dense_prefill_tok_s:.0f} tok/s, moe "
-          f"{r.moe_prefill_tok_s:.0f} tok/s, speed-up {r.prefill_speedup:.2f}x")
-    print(f"  decode ({r.decode_tokens} tokens): dense {r.dense_decode_tok_s:.1f} tok/s, moe "
-          f"{r.moe_decode_tok_s:.1f} tok/s, speed-up {r.decode_speedup:.2f}x")
+    m = r.speed
+    print(f"  prefill ({m.prompt_tokens} tokens): dense {m.dense_prefill_tok_s:.0f} tok/s, moe "
+          f"{m.moe_prefill_tok_s:.0f} tok/s, speed-up {m.prefill_speedup:.2f}x")
+    print(f"  decode ({m.decode_tokens} tokens): dense {m.dense_decode_tok_s:.1f} tok/s, moe "
+          f"{m.moe_decode_tok_s:.1f} tok/s, speed-up {m.decode_speedup:.2f}x")
     print(f"  dense text: {r.dense_text!r}\n  moe text:   {r.moe_text!r}")
     if args.json:
         atomic_write_text(args.json, json.dumps(dataclasses.asdict(r), indent=2))
