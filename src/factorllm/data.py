@@ -58,11 +58,21 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids if max_tokens is None else ids[:max_tokens]
 
 
+def pack(ids: torch.Tensor, window: int) -> torch.Tensor:
+    """Packs a token stream [N] into consecutive windows [N // window, window] (the remainder is dropped)."""
+    if window < 2:
+        raise ValueError(f"window={window} must be >= 2")
+    n = ids.numel() // window
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens are fewer than one window of {window}; give more text or a "
+                         "smaller window")
+    return ids[: n * window].view(n, window)
+
+
 def windows(ids: torch.Tensor, length: int, count: int | None = None, seed: int | None = None) -> torch.Tensor:
-    """Cuts [N] ids into non-overlapping windows [W, length]; with a seed, `count` windows picked at random."""
-    if ids.numel() < length:
-        raise ValueError(f"{ids.numel()} tokens are fewer than one window of {length}; give more text")
-    all_w = ids[: ids.numel() // length * length].view(-1, length)  # [W, length]
+    """Cuts [N] ids into non-overlapping windows [W, length] (`pack`); with a seed, `count` windows picked at
+    random."""
+    all_w = pack(ids, length)  # [W, length]
     if seed is not None:
         all_w = all_w[torch.randperm(len(all_w), generator=torch.Generator().manual_seed(seed))]
     return all_w if count is None else all_w[:count]
@@ -94,17 +104,6 @@ def load_text(source: str, text_column: str = "text") -> str:
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {source!r} has no column {text_column!r} (columns: {ds.column_names})")
     return "\n\n".join(ds[text_column])
-
-
-def pack(ids: torch.Tensor, window: int) -> torch.Tensor:
-    """Packs a token stream [N] into consecutive windows [N // window, window] (the remainder is dropped)."""
-    if window < 2:
-        raise ValueError(f"window={window} must be >= 2")
-    n = ids.numel() // window
-    if n == 0:
-        raise ValueError(f"{ids.numel()} tokens are fewer than one window of {window}; give more text or a "
-                         "smaller window")
-    return ids[: n * window].view(n, window)
 
 
 def split_windows(wins: torch.Tensor, heldout: float | int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,12 +27,10 @@ def perplexity(
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos is not None and window > max_pos:
         raise ValueError(f"window={window} is longer than the model's context ({max_pos}); use window <= {max_pos}")
-    if window < 2:
-        raise ValueError(f"window={window} must be >= 2")
-    if token_ids.numel() < window:
-        raise ValueError(f"{token_ids.numel()} tokens are fewer than one window of {window}; give more text")
+    from factorllm.data import pack
+
+    wins = pack(token_ids, window)  # [W, window]; too few tokens or window < 2 is a clear error there
     device = next(model.parameters()).device
-    wins = token_ids[: token_ids.numel() // window * window].view(-1, window)  # [W, window]
     nll, count = 0.0, 0
     was_training = model.training
     model.eval()
