@@ -36,12 +36,6 @@ def factor_config_from_args(args: argparse.Namespace):
     )
 
 
-def load_for_cli(args: argparse.Namespace):
-    from factorllm.loading import load_model
-
-    return load_model(args.model)
-
-
 def calibration_windows(tokenizer, args: argparse.Namespace):
     """`--calib-tokens` tokens of `--calib-data`, as random windows of `--calib-window` tokens."""
     from factorllm.data import load_text, tokenize, windows

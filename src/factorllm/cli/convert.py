@@ -19,8 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from factorllm.cli.common import calibration_windows, factor_config_from_args, load_for_cli
+    from factorllm.cli.common import calibration_windows, factor_config_from_args
     from factorllm.convert import convert_
+    from factorllm.loading import load_model
     from factorllm.partition import PARTITIONS
     from factorllm.serialization import save
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --output or pass --overwrite")
-    model, tok = load_for_cli(args)
+    model, tok = load_model(args.model)
     needs_calib = PARTITIONS.get(cfg.partition).needs_calibration or cfg.shared_neurons > 0
     calib = calibration_windows(tok, args) if needs_calib else None
     convert_(model, cfg, calib=calib)
