@@ -37,6 +37,10 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--router-lr", type=float, default=3e-3)
     ap.add_argument("--expert-lr", type=float, default=3e-4)
+    ap.add_argument("--e2e-minutes", type=float, default=0.0,
+                    help="per fraction: a third stage, end-to-end logit distillation of routers and experts from "
+                         "the dense teacher, for this many minutes (0: skip)")
+    ap.add_argument("--e2e-lr", type=float, default=1e-4)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     t_start = time.time()
@@ -65,20 +69,29 @@ def main() -> int:
             ("router+experts", TrainConfig(mode="layerwise", train_experts=True, pseudo_label="norm",
                                            pa_weight=1.0, recon_weight=1.0, lr=args.expert_lr,
                                            layerwise_tokens=args.train_tokens, save_every=0)),
+            ("router+experts, end2end", TrainConfig(mode="end2end", train_experts=True, pseudo_label="norm",
+                                                    pa_weight=0.1, distill_weight=1.0, straight_through=True,
+                                                    lr=args.e2e_lr, batch_size=2, max_steps=10**6, save_every=0)),
         ):
-            steps = steps_for_budget(model, dense, train_w, tcfg, budget_s)
-            tcfg = TrainConfig(**{**tcfg.__dict__, "max_steps": steps})
             t0 = time.time()
-            train(model, dense, TrainData(train_w), tcfg)
+            if tcfg.mode == "end2end":
+                if args.e2e_minutes <= 0:
+                    continue
+                steps = timed_train(model, dense, train_w, tcfg, args.e2e_minutes * 60)
+            else:
+                steps = steps_for_budget(model, dense, train_w, tcfg, budget_s)
+                tcfg = TrainConfig(**{**tcfg.__dict__, "max_steps": steps})
+                t0 = time.time()
+                train(model, dense, TrainData(train_w), tcfg)
             minutes = (time.time() - t0) / 60
             row = {"experts": args.experts, "top_k": k, "partition": args.partition, "gating": args.gating,
-                   "stage": stage, "steps_per_layer": steps, "train_minutes": minutes,
+                   "stage": stage, "steps": steps, "train_minutes": minutes,
                    "ppl": {d: {"dense": dense_ppl[d]} for d in evals}}
             for name, variant in (("trained", model), ("oracle", oracle_of(model)), ("random", random_of(model))):
                 for d, v in ppl(variant).items():
                     row["ppl"][d][name] = v
             rows.append(row)
-            log(f"{stage:>15} top-{k}/{args.experts}: {steps} steps/layer, {minutes:.1f} min, "
+            log(f"{stage:>15} top-{k}/{args.experts}: {steps} steps, {minutes:.1f} min, "
                 + ", ".join(f"{d}: " + " ".join(f"{n}={v:.2f}" for n, v in row["ppl"][d].items()) for d in evals))
 
     print(f"\nSmolLM2-135M, {args.experts} {args.partition} experts, {args.gating} gating, layerwise PA training on "
@@ -95,6 +108,22 @@ def main() -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
     return 0
+
+
+def timed_train(model, dense, train_w, tcfg: TrainConfig, seconds: float) -> int:
+    """Trains until `seconds` have passed (checked after each step); returns the steps taken."""
+    t0, taken = time.time(), [0]
+
+    def stop_on_time(step, row):
+        taken[0] = step
+        if time.time() - t0 > seconds:
+            raise StopIteration
+
+    try:
+        train(model, dense, TrainData(train_w), tcfg, callbacks=[stop_on_time], progress=False)
+    except StopIteration:
+        pass
+    return taken[0]
 
 
 def steps_for_budget(model, dense, train_w, tcfg: TrainConfig, budget_s: float) -> int:

@@ -75,6 +75,8 @@ def test_choose_path():
     assert choose_path(experts, x[:1], balanced[:1]) == "decode"
     assert choose_path(experts, x, balanced) == "padded"
     assert choose_path(experts, x, skewed) == "sorted"
+    with torch.no_grad():  # inference on MKL-packed weights: per-expert GEMMs beat the padded bmm
+        assert choose_path(experts, x, balanced) == ("sorted" if experts.can_pack else "padded")
     unequal = Experts.from_ffn(_ffn(True, False), _partition([2, 4, 6, 8, 4, 8, 10, 6]))
     assert choose_path(unequal, x, balanced) == "sorted"
 

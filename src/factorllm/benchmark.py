@@ -176,15 +176,21 @@ def bench_ffn(cfg: BenchConfig) -> list[FFNResult]:
             fns = {"dense": lambda d=dense, x=x: d(x), "moe": lambda m=moe, x=x: m(x),
                    "mixtral": lambda p=peer, x=x: p(x)}
             ms = time_interleaved(fns, cfg.repeats, cfg.warmup, cfg.device)
-            from factorllm.experts import choose_path
-
-            idx = moe.route(x.view(-1, hidden)).indices
             results.append(FFNResult(
                 hidden, width, tokens, ms["dense"], ms["moe"], ms["mixtral"], ms["moe"] / ms["dense"],
-                cfg.top_k / cfg.num_experts, ms["mixtral"] / ms["dense"],
-                moe.experts.path or choose_path(moe.experts, x.view(-1, hidden), idx),
+                cfg.top_k / cfg.num_experts, ms["mixtral"] / ms["dense"], path_taken(moe, x.view(-1, hidden)),
             ))
     return results
+
+
+def path_taken(moe: MoEFeedForward, x: torch.Tensor) -> str:
+    """How the block runs x [T, D] under no_grad: "native" (the batch-1 kernel) or an expert path's name."""
+    from factorllm.experts import choose_path
+
+    if x.shape[0] == 1 and moe.decode_kernel(x) is not None:
+        return "native"
+    path = moe.experts.path or choose_path(moe.experts, x, moe.route(x).indices)
+    return f"{path}+packed" if path == "sorted" and moe.experts.can_pack else path
 
 
 @torch.no_grad()

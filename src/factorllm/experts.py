@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from factorllm import packed_gemm
 from factorllm.adapters import FFNWeights
 from factorllm.registry import Registry
 
@@ -40,6 +41,7 @@ class Experts(nn.Module):
         self.act = act
         self.path: str | None = None  # None: choose automatically
         self._views: tuple | None = None  # cached per-expert weight views, see `views()`
+        self._packed: tuple | None = None  # cached MKL-packed weights, see `packed()`
         E, I, m = len(sizes), max(sizes), 2 if gated else 1
         self.w_in = nn.Parameter(torch.zeros(E, m * I, hidden, dtype=dtype))  # [E, m*I, D]
         self.w_out = nn.Parameter(torch.zeros(E, hidden, I, dtype=dtype))  # [E, D, I]
@@ -48,7 +50,7 @@ class Experts(nn.Module):
     def __getstate__(self) -> dict:
         # The view cache is derived state: copies and pickles rebuild it (views of the old parameters would
         # point at the old storage, and autograd forbids copying views taken before an in-place update).
-        return {**super().__getstate__(), "_views": None}
+        return {**super().__getstate__(), "_views": None, "_packed": None}
 
     @property
     def num_experts(self) -> int:
@@ -118,6 +120,34 @@ class Experts(nn.Module):
             self._views = (key, views)
         return self._views[1]
 
+    @property
+    def can_pack(self) -> bool:
+        """Whether inference on many tokens runs on MKL-packed weights (equal float32 CPU experts, MKL present)."""
+        return (not self.padded and self.w_in.dtype == torch.float32 and self.w_in.device.type == "cpu"
+                and packed_gemm.available())
+
+    def packed(self) -> list[tuple[packed_gemm.PackedWeight, packed_gemm.PackedWeight]] | None:
+        """Per expert (w_in[e], w_out[e]) packed for MKL's GEMM, cached; None where packing does not apply.
+
+        NOTE: the packed copies do not alias the parameters, so the cache is keyed on their storage and version
+        counter (bumped by every in-place update: optimizer steps, load_state_dict). Writes through `.data`
+        bypass the counter: call `self.clear_cache()` after them.
+        """
+        if not self.can_pack:
+            return None
+        key = (self.w_in.data_ptr(), self.w_in._version, self.w_out.data_ptr(), self.w_out._version)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None  # free the stale copies before packing new ones
+            with torch.no_grad():
+                packs = [(packed_gemm.pack(self.w_in[e]), packed_gemm.pack(self.w_out[e]))
+                         for e in range(self.num_experts)]
+            self._packed = (key, packs)
+        return self._packed[1]
+
+    def clear_cache(self) -> None:
+        """Drops the cached weight views and packed copies (rebuilt on the next forward)."""
+        self._views = self._packed = None
+
     def expert_into(
         self, e: int, x: torch.Tensor, out: torch.Tensor, scale: float | torch.Tensor = 1.0, accumulate: bool = False
     ) -> None:
@@ -125,20 +155,29 @@ class Experts(nn.Module):
 
         `scale` is a float or per-token [n_tok, 1]; it multiplies the activations [n_tok, I], which is cheaper
         than scaling the output [n_tok, D]. In-place activations, no temporaries beyond the input projection.
+        More than DECODE_MAX_TOKENS tokens use MKL-packed weights where available (see `packed_gemm`).
         """
         n, I = self.sizes[e], self.width
         if n != I:
             y = self.expert(e, x) * scale
             out.add_(y) if accumulate else out.copy_(y)
             return
+        packed = self.packed() if x.shape[0] > DECODE_MAX_TOKENS else None
         w_in, w_out_t, b_in = self.views()
-        h = nn.functional.linear(x, w_in[e], b_in[e])  # [n_tok, m*I]
+        if packed is not None:
+            h = packed_gemm.linear(x, packed[e][0])  # [n_tok, m*I]
+            if b_in[e] is not None:
+                h.add_(b_in[e])
+        else:
+            h = nn.functional.linear(x, w_in[e], b_in[e])  # [n_tok, m*I]
         a = self.act.forward(h[:, :I])  # NOTE: .forward skips the module-call machinery (no hooks here)
         if self.gated:
             a.mul_(h[:, I:])
         if not isinstance(scale, float) or scale != 1.0:
             a.mul_(scale)
-        if accumulate:
+        if packed is not None:
+            packed_gemm.linear(a, packed[e][1], out=out, accumulate=accumulate)
+        elif accumulate:
             out.addmm_(a, w_out_t[e])
         else:
             torch.mm(a, w_out_t[e], out=out)
@@ -193,6 +232,10 @@ def choose_path(experts: Experts, x: torch.Tensor, indices: torch.Tensor) -> str
         return "grouped_mm"
     if experts.padded:
         return "sorted"
+    if not torch.is_grad_enabled() and experts.can_pack:
+        # NOTE: per-expert GEMMs on packed weights beat one padded bmm even at perfect balance (measured here,
+        # 2048x5632, 512 tokens: 0.29 of dense against 0.37 for padded, 0.33 for unpacked sorted).
+        return "sorted"
     counts = torch.bincount(indices.reshape(-1), minlength=experts.num_experts)
     waste = counts.max().item() * experts.num_experts / (T * k)
     return "padded" if waste <= PADDED_MAX_WASTE else "sorted"
@@ -216,6 +259,9 @@ def decode_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indice
         out = x.new_zeros(x.shape)
         for t, (chosen, ws) in enumerate(zip(indices.tolist(), weights.tolist(), strict=True)):
             xt, ot = (x, out) if x.shape[0] == 1 else (x[t : t + 1], out[t : t + 1])
+            if len(chosen) == 2 and not experts.padded and experts.w_in.is_contiguous():
+                _decode_pair_into(experts, xt, ot, chosen, ws)
+                continue
             for e, w in zip(chosen, ws, strict=True):
                 experts.expert_into(e, xt, ot, scale=w, accumulate=True)
         return out
@@ -224,6 +270,37 @@ def decode_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indice
         xt = x[t : t + 1]  # [1, D]
         rows.append(sum(experts.expert(e, xt) * weights[t, j] for j, e in enumerate(chosen)))
     return torch.cat(rows)
+
+
+def _pair(stacked: torch.Tensor, first: int, step: int) -> torch.Tensor:
+    """A view [2, ...] of entries `first` and `first + step` of a contiguous stacked tensor [E, ...]."""
+    inner = stacked.stride(0)
+    return stacked.as_strided((2, *stacked.shape[1:]), (step * inner, *stacked.stride()[1:]),
+                              stacked.storage_offset() + first * inner)
+
+
+def _decode_pair_into(experts: Experts, x: torch.Tensor, out: torch.Tensor, chosen: list[int], ws: list[float]):
+    """One token, two experts (top-2): `out` [1, D] += both experts' weighted outputs, in two `bmm`.
+
+    The pair is a strided view of the stacked weights (stride = the distance between the two experts), never
+    a copy. NOTE: at batch 1 each op's fixed cost (dispatch, thread wake-up, the first cache misses of a cold
+    weight) rivals its arithmetic; two batched GEMVs instead of four halve the count of the costly ones.
+    """
+    (e0, w0), (e1, w1) = sorted(zip(chosen, ws, strict=True))
+    E, mI, D = experts.w_in.shape
+    I = experts.width
+    step = e1 - e0  # > 0: top-k indices are distinct
+    w_in = _pair(experts.w_in, e0, step)  # [2, m*I, D]
+    w_out = _pair(experts.w_out, e0, step)  # [2, D, I]
+    h = torch.bmm(x.expand(2, 1, D), w_in.transpose(1, 2))  # [2, 1, m*I]
+    if experts.b_in is not None:
+        h += _pair(experts.b_in, e0, step)[:, None]  # [2, 1, m*I]
+    a = experts.act.forward(h[..., :I])  # [2, 1, I]
+    if experts.gated:
+        a.mul_(h[..., I:])
+    a.mul_(torch.tensor([w0, w1], dtype=a.dtype).view(2, 1, 1))
+    y = torch.bmm(a, w_out.transpose(1, 2))  # [2, 1, D]
+    out.add_(y[0]).add_(y[1])
 
 
 def _sort_by_expert(indices: torch.Tensor, num_experts: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from factorllm import native
 from factorllm.adapters import FFNWeights, adapter_for
 from factorllm.config import FactorConfig
 from factorllm.experts import Experts
@@ -38,6 +39,10 @@ class MoEFeedForward(nn.Module):
         self.shared = shared
         self.b_out = None if b_out is None else nn.Parameter(b_out.detach().clone())
         self.register_buffer("neuron_index", neuron_index.to(torch.int64))
+        self._kernel: native.DecodeKernel | None = None  # the batch-1 kernel bound to these weights, see `forward`
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_kernel": None}  # raw pointers: copies rebind their own
 
     @classmethod
     def from_dense(
@@ -91,6 +96,8 @@ class MoEFeedForward(nn.Module):
             weights, indices = self.router(x, outs.norm(dim=-1))[1:]  # [T, k], [T, k]
             chosen = outs.gather(1, indices[..., None].expand(-1, -1, outs.shape[-1]))  # [T, k, D]
             y = (chosen * weights[..., None]).sum(dim=1)  # [T, D]
+        elif x.shape[0] == 1 and not torch.is_grad_enabled() and (kernel := self.decode_kernel(x)) is not None:
+            y = kernel(x[0]).view(1, -1)  # one token: router, top-k and the chosen experts in one native call
         else:
             _, weights, indices = self.router(x)
             y = self.experts(x, weights, indices)
@@ -99,6 +106,29 @@ class MoEFeedForward(nn.Module):
         if self.b_out is not None:
             y = y + self.b_out
         return y.view(shape)
+
+    def decode_kernel(self, x: torch.Tensor) -> native.DecodeKernel | None:
+        """The native batch-1 kernel for this block (cached), or None where it does not apply.
+
+        It applies to inference on float32 CPU tensors, a linear router, the gatings in `native.GATINGS`,
+        equal-width experts and an activation the kernel has; never with hooks on the router (routing traces
+        must see every token). Everything else runs the torch path, which is also the kernel's test reference.
+        """
+        router, experts = self.router, self.experts
+        if self._kernel is not None and self._kernel.matches(router.net, experts) and not _hooked(router):
+            return self._kernel
+        self._kernel = None
+        tensors = [router.net.weight, experts.w_in, experts.w_out, x] if type(router.net) is nn.Linear else []
+        tensors += [t for t in (getattr(router.net, "bias", None), experts.b_in) if t is not None]
+        if (not tensors or router.gating not in native.GATINGS or experts.padded or _hooked(router)
+                or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+                or not native.available()):
+            return None
+        act = native.act_code(experts.act)
+        if act is None:
+            return None
+        self._kernel = native.DecodeKernel(router.net, router.gating, router.top_k, experts, act)
+        return self._kernel
 
     def to_dense_weights(self) -> FFNWeights:
         """The dense FFN this block was cut from, rebuilt from the experts (its neurons in original order)."""
@@ -122,6 +152,10 @@ class MoEFeedForward(nn.Module):
             gated=self.experts.gated, w_in=cat["w_in"], w_up=cat["w_up"], w_out=cat["w_out"].t(),
             act=self.experts.act, b_in=cat["b_in"], b_up=cat["b_up"], b_out=self.b_out,
         )
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _check_partition(

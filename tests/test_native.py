@@ -1,0 +1,109 @@
+"""The batch-1 native kernel (csrc/moe_decode.c) against the torch path, and when it is (not) taken."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model, token_batch
+
+from factorllm import FactorConfig, convert_, native
+from factorllm.moe import moe_layers
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path runs instead")
+
+
+def _blocks(family: str, cfg: FactorConfig):
+    model = convert_(tiny_model(family), cfg, progress=False)
+    return model, [b for _, b in moe_layers(model)]
+
+
+def _torch_path(block, x):
+    """What the block computes without the kernel: router, then the stacked experts' naive reference."""
+    _, weights, indices = block.route(x)
+    y = block.experts.forward_naive(x, weights, indices)
+    if block.shared is not None:
+        y = y + block.shared.expert(0, x)
+    return y + (block.b_out if block.b_out is not None else 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gating", sorted(native.GATINGS))
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_kernel_equals_torch_path(family, gating, top_k):
+    _, blocks = _blocks(family, FactorConfig(4, top_k, gating=gating, router="linear"))
+    x = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for block in blocks:
+            block.router.net.bias.normal_(0, 0.5)  # a trained router's bias: the kernel must add it
+            y = block(x[None])[0]
+            assert block._kernel is not None, f"{family}: the kernel should apply"
+            torch.testing.assert_close(y, _torch_path(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_is_unchanged_by_the_kernel(monkeypatch):
+    model = convert_(tiny_model("llama"), FactorConfig(4, 2), progress=False)
+    prompt = token_batch(1, 8)
+    with torch.no_grad():
+        fast = model.generate(prompt, max_new_tokens=12, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+        assert all(b._kernel is not None for _, b in moe_layers(model))
+        monkeypatch.setattr(native, "available", lambda: False)
+        for _, b in moe_layers(model):
+            b._kernel = None
+        slow = model.generate(prompt, max_new_tokens=12, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+        assert all(b._kernel is None for _, b in moe_layers(model))
+    assert torch.equal(fast.sequences, slow.sequences)
+    for a, b in zip(fast.logits, slow.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["grad", "oracle", "mlp router", "router hook", "unequal experts", "two tokens"])
+def test_kernel_is_not_taken_where_it_does_not_apply(case):
+    cfg = {"oracle": FactorConfig(4, 2, gating="oracle"), "mlp router": FactorConfig(4, 2, router="mlp"),
+           "unequal experts": FactorConfig(4, 2, expert_sizes=[16, 16, 8, 24])}.get(case, FactorConfig(4, 2))
+    model, blocks = _blocks("llama", cfg)
+    block = blocks[0]
+    seen = []
+    if case == "router hook":
+        block.router.register_forward_hook(lambda m, a, o: seen.append(o))
+    x = torch.randn(1, 2 if case == "two tokens" else 1, 32)
+    with torch.set_grad_enabled(case == "grad"):
+        y = block(x)
+    assert block._kernel is None
+    if case == "router hook":
+        assert len(seen) == 1  # routing traces see the token
+    with torch.no_grad():
+        torch.testing.assert_close(y.view(-1, 32), _torch_path(block, x.view(-1, 32)), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_follows_new_weights():
+    model, blocks = _blocks("llama", FactorConfig(4, 2))
+    block, x = blocks[0], torch.randn(1, 1, 32)
+    with torch.no_grad():
+        block(x)
+        first = block._kernel
+        clone = copy.deepcopy(block)  # its own storage: the kernel must be rebound, not shared
+        assert clone._kernel is None
+        clone.experts.w_in.mul_(2)
+        torch.testing.assert_close(clone(x).view(1, 32), _torch_path(clone, x.view(1, 32)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block(x).view(1, 32), _torch_path(block, x.view(1, 32)), atol=1e-5, rtol=1e-5)
+        assert block._kernel is first
+        block.experts.w_in = torch.nn.Parameter(block.experts.w_in * 3)  # new storage
+        torch.testing.assert_close(block(x).view(1, 32), _torch_path(block, x.view(1, 32)), atol=1e-5, rtol=1e-5)
+        assert block._kernel is not first
+
+
+def test_activation_codes_match_torch():
+    from torch import nn
+    from transformers.activations import ACT2FN
+
+    assert native.act_code(nn.SiLU()) == 0
+    assert native.act_code(nn.GELU(approximate="tanh")) == 1
+    assert native.act_code(nn.GELU()) == 2
+    assert native.act_code(nn.ReLU()) == 3
+    for name in ("gelu_new", "gelu_pytorch_tanh", "gelu", "silu", "relu"):
+        assert native.act_code(ACT2FN[name]) is not None, name
+    assert native.act_code(nn.Tanh()) is None  # no kernel for it: the torch path runs

@@ -1,0 +1,64 @@
+"""GEMMs on MKL-packed weights (prefill and layer-wise inference) against nn.functional.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_experts import _ffn, _partition
+
+from factorllm import packed_gemm
+from factorllm.experts import Experts
+
+pytestmark = pytest.mark.skipif(not packed_gemm.available(), reason="this torch build has no MKL packed GEMM")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 37, 130, 600])
+def test_linear_equals_functional_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(48, 20, generator=g)
+    x = torch.randn(rows, 20, generator=g)
+    p = packed_gemm.pack(w)
+    torch.testing.assert_close(packed_gemm.linear(x, p), torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+    out = torch.randn(rows, 48, generator=g)
+    want = out + torch.nn.functional.linear(x, w)
+    packed_gemm.linear(x, p, out=out, accumulate=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_row_views_of_a_larger_tensor():
+    big = torch.randn(10, 48, 20)
+    w, x = big[3], torch.randn(40, 20)[5:17]  # views with storage offsets
+    out = torch.zeros(30, 48)[10:22]
+    packed_gemm.linear(x, packed_gemm.pack(w), out=out)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_refused():
+    p = packed_gemm.pack(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        packed_gemm.linear(torch.randn(4, 3).t(), p)  # [3, 4] with column stride 3... wrong K as well
+    with pytest.raises(ValueError, match="float32"):
+        packed_gemm.linear(torch.randn(2, 4, dtype=torch.float64), p)
+    with pytest.raises(ValueError, match="out must be"):
+        packed_gemm.linear(torch.randn(2, 4), p, out=torch.empty(2, 7))
+    with pytest.raises(ValueError, match="float32 CPU weight"):
+        packed_gemm.pack(torch.randn(4, 8).t())
+
+
+def test_packed_experts_follow_optimizer_steps_and_clear_cache():
+    experts = Experts.from_ffn(_ffn(True, True), _partition([8] * 6))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 12, generator=g)  # each expert gets more than DECODE_MAX_TOKENS rows: packed weights used
+    idx = torch.arange(80).remainder(6).view(40, 2)
+    w = torch.rand(40, 2, generator=g)
+    with torch.no_grad():
+        experts(x, w, idx)
+    assert experts._packed is not None
+    opt = torch.optim.SGD(experts.parameters(), lr=0.1)
+    experts.forward_naive(x, w, idx).square().sum().backward()
+    opt.step()  # in place: same storage, new version
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, w, idx), experts.forward_naive(x, w, idx), atol=1e-5, rtol=1e-5)
+        experts.w_out.data.mul_(1.5)  # bypasses the version counter: clear_cache is the documented remedy
+        experts.clear_cache()
+        torch.testing.assert_close(experts(x, w, idx), experts.forward_naive(x, w, idx), atol=1e-5, rtol=1e-5)
