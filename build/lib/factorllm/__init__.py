@@ -1,0 +1,23 @@
+"""factorllm: turn a pretrained dense decoder LM into a Mixture-of-Experts model by factorizing its FFNs."""
+
+from factorllm.config import FactorConfig
+from factorllm.convert import convert_
+from factorllm.evaluate import perplexity
+from factorllm.export import export
+from factorllm.loading import load_model
+from factorllm.moe import MoEFeedForward, moe_layers, set_routing_
+from factorllm.serialization import load, save
+
+__all__ = [
+    "FactorConfig",
+    "MoEFeedForward",
+    "convert_",
+    "export",
+    "load",
+    "load_model",
+    "moe_layers",
+    "perplexity",
+    "save",
+    "set_routing_",
+]
+__version__ = "0.1.0"

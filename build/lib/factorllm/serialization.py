@@ -1,0 +1,149 @@
+"""Save and load factorized models: safetensors weights, the model's HF config, and `factorllm.json`.
+
+Folder layout:
+    config.json         the dense model's transformers config
+    factorllm.json      format version, FactorConfig, and each MoE block's expert widths
+    model.safetensors   every weight of the factorized model
+    tokenizer files     when a tokenizer is given
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+from torch import nn
+
+from factorllm.config import FactorConfig
+from factorllm.moe import MoEFeedForward, moe_layers
+
+FORMAT_VERSION = 1
+MARKER = "factorllm.json"
+
+
+def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Writes a factorized model (and optionally its tokenizer) to `folder`, atomically.
+
+    The files are written to a temporary sibling folder and moved into place at the end, so an interrupted
+    save never leaves a half-written model behind, and an existing folder is only replaced with `overwrite`.
+
+    Example:
+        >>> factorllm.save(model, "out/smollm2-8e", tokenizer)
+    """
+    folder = Path(folder)
+    layers = moe_layers(model)
+    if not layers or getattr(model, "factor_config", None) is None:
+        raise ValueError("save() writes factorized models; call factorllm.convert_ first (or use save_pretrained)")
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists; choose another folder or pass overwrite=True (--overwrite)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "factor_config": model.factor_config.to_dict(),
+            "source_model": getattr(model, "factor_source", None),
+            "layers": {
+                name: {
+                    "expert_sizes": block.experts.sizes,
+                    "shared_size": 0 if block.shared is None else block.shared.sizes[0],
+                    "gating": block.router.gating,
+                    "top_k": block.router.top_k,
+                }
+                for name, block in layers
+            },
+        }
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2))
+        # NOTE: save_model (not save_file) handles tied weights such as a shared embedding and LM head.
+        save_safetensors_model(model, str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            trash = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            folder.rename(trash)
+            tmp.rename(folder)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def is_factorllm_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Loads a folder written by `save`: returns `(model, tokenizer)`; tokenizer is None if none was saved.
+
+    Example:
+        >>> model, tok = factorllm.load("out/smollm2-8e")
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; give the folder that factorllm.save wrote")
+    if not is_factorllm_folder(folder):
+        raise ValueError(
+            f"{folder} is not a factorllm save (no {MARKER}); for a dense model use factorllm.load_model"
+        )
+    meta = json.loads((folder / MARKER).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder} has factorllm format version {meta.get('format_version')}, this factorllm reads "
+            f"{FORMAT_VERSION}; upgrade factorllm"
+        )
+    config = FactorConfig.from_dict(meta["factor_config"])
+    hf_config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    for name, spec in meta["layers"].items():
+        mlp = model.get_submodule(name)
+        shared_n = spec["shared_size"]
+        sizes = spec["expert_sizes"]
+        # The structure only: real neuron order and weights come from the state dict just below.
+        order = torch.arange(shared_n + sum(sizes))
+        part = list(torch.split(order[shared_n:], sizes))
+        layer_cfg = FactorConfig.from_dict(
+            {**config.to_dict(), "top_k": spec["top_k"], "gating": spec["gating"], "expert_sizes": None,
+             "num_experts": len(sizes)}
+        )
+        model.set_submodule(
+            name, MoEFeedForward.from_dense(mlp, layer_cfg, part, order[:shared_n] if shared_n else None)
+        )
+    missing, unexpected = load_safetensors_model(model, str(folder / "model.safetensors"), strict=False)
+    if unexpected or missing:
+        raise ValueError(
+            f"{folder}/model.safetensors does not match its config (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}); the folder is damaged, save the model again"
+        )
+    model.factor_config = config
+    model.factor_source = meta.get("source_model")
+    model.eval()
+    tokenizer = None
+    if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,529 @@
+"""Training: routers with the Prior-Approximate loss, then experts, from little data. One loop for all of it.
+
+Two ways to feed the loop:
+- `layerwise`: the dense teacher runs once over the training tokens; each layer's FFN input and output are
+  cached, and each MoE block trains alone on them (no backward pass through the network: minutes on a CPU).
+- `end2end`: the whole student runs; router and output losses of every layer are summed and back-propagated,
+  optionally with logit distillation from the teacher and the LM loss.
+
+The loop runs on Accelerate (CPU here; `accelerate launch` with DDP/FSDP/DeepSpeed on GPUs), shows loss and
+tokens/s, evaluates held-out perplexity, writes checkpoints atomically, resumes exactly (batches are a pure
+function of the step), and stops with a clear message on a non-finite loss, keeping the last good checkpoint.
+
+Legend: B windows, S tokens per window, T tokens, D hidden, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from factorllm import losses
+from factorllm.adapters import adapter_for, find_ffns
+from factorllm.moe import MoEFeedForward, moe_layers
+from factorllm.router import RouterOutput
+
+MODES = ("layerwise", "end2end")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train, with which losses, for how long.
+
+    Args:
+        mode: `layerwise` (each MoE block alone on cached dense activations) or `end2end`.
+        train_router / train_experts: which parameters get gradients (the rest of the model is frozen).
+        pseudo_label: PA label rule from `factorllm.losses.PSEUDO_LABELS` (`factorllm`, `norm`, `lstsq`).
+        pa_weight, bce_weight: router losses against the pseudo-labels (PA: KL; BCE: per expert).
+        switch_weight, ref_balance_weight: Switch-style and the reference code's balance terms.
+        recon_weight: layerwise only: the block's output against the dense FFN's (relative squared error).
+        lm_weight, distill_weight: end2end only: next-token loss and KL to the teacher's logits.
+        straight_through: hard gating passes the chosen experts' probabilities' gradient to the router.
+        max_steps: optimizer steps (per layer in layerwise mode).
+        batch_size: windows per step (end2end); token_batch: tokens per step (layerwise).
+        layerwise_tokens: training tokens whose activations are cached in layerwise mode.
+        save_every, eval_every: in steps; 0 turns them off. output_dir: where checkpoints go.
+    """
+
+    mode: str = "layerwise"
+    train_router: bool = True
+    train_experts: bool = False
+    pseudo_label: str = "norm"
+    pa_weight: float = 1.0
+    bce_weight: float = 0.0
+    switch_weight: float = 0.0
+    ref_balance_weight: float = 0.0
+    recon_weight: float = 0.0
+    lm_weight: float = 0.0
+    distill_weight: float = 0.0
+    straight_through: bool = False
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    max_steps: int = 100
+    batch_size: int = 4
+    token_batch: int = 1024
+    layerwise_tokens: int = 16384
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    save_every: int = 50
+    output_dir: str | None = None
+    resume: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; choose one of {MODES}")
+        if not (self.train_router or self.train_experts):
+            raise ValueError("nothing to train: set train_router and/or train_experts")
+        losses.PSEUDO_LABELS.get(self.pseudo_label)
+        weights = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_weight")}
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"loss weights must be >= 0, got {weights}")
+        if self.mode == "layerwise" and (self.lm_weight or self.distill_weight):
+            raise ValueError("lm_weight and distill_weight need mode='end2end' (layerwise sees one FFN at a time)")
+        if self.mode == "end2end" and self.recon_weight:
+            raise ValueError("recon_weight needs mode='layerwise'; end2end uses distill_weight or lm_weight")
+        router_terms = self.pa_weight + self.bce_weight + self.lm_weight + self.distill_weight
+        expert_terms = self.recon_weight + self.lm_weight + self.distill_weight
+        if self.train_router and not router_terms:
+            raise ValueError("train_router needs pa_weight, bce_weight, lm_weight or distill_weight > 0")
+        if self.train_experts and not expert_terms:
+            raise ValueError("train_experts needs recon_weight (layerwise), distill_weight or lm_weight > 0")
+        for name in ("max_steps", "batch_size", "token_batch", "layerwise_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.resume and not self.output_dir:
+            raise ValueError("resume needs output_dir (where the checkpoint is)")
+
+    def fingerprint(self) -> str:
+        """What must match for a checkpoint to be resumed: everything but cadence, paths and the resume flag."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("resume", "output_dir", "eval_every", "save_every")}
+        return json.dumps(keep, sort_keys=True)
+
+
+@dataclass
+class TrainData:
+    """Token windows: `train` [N, S] and `heldout` [M, S] (M may be 0)."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor = field(default_factory=lambda: torch.empty(0, 2, dtype=torch.long))
+
+    def __post_init__(self) -> None:
+        if self.train.dim() != 2 or self.train.shape[0] == 0 or self.train.shape[1] < 2:
+            raise ValueError(f"training data must be windows [N >= 1, S >= 2], got shape {tuple(self.train.shape)}; "
+                             "give more text or a smaller window")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one row per logged step
+    evals: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing targets
+
+@torch.no_grad()
+def pa_labels(block: MoEFeedForward, teacher_ffn: nn.Module, x: torch.Tensor, method: str) -> torch.Tensor:
+    """Pseudo-labels [T, E] for a block's routed experts on its real input x [T, D].
+
+    The target is the dense teacher FFN's output on the same input, minus what the routed experts do not
+    carry (the shared expert and the output bias).
+    """
+    outs = block.experts.all_outputs(x)  # [T, E, D]
+    y = teacher_ffn(x)  # [T, D]
+    if block.shared is not None:
+        y = y - block.shared.expert(0, x)
+    if block.b_out is not None:
+        y = y - block.b_out
+    return losses.PSEUDO_LABELS.get(method)(outs, y, block.router.top_k)
+
+
+@dataclass
+class LayerTrace:
+    inputs: torch.Tensor | None = None  # [T, D]
+    routing: RouterOutput | None = None
+
+
+@contextmanager
+def trace_routing(model: nn.Module) -> Iterator[list[LayerTrace]]:
+    """Records each MoE block's input and router output during a forward pass (hooks, removed on exit).
+
+    The list is owned by the caller: nothing is stashed in globals or on the modules.
+    """
+    layers = moe_layers(model)
+    traces = [LayerTrace() for _ in layers]
+    handles = []
+    for (_, block), trace in zip(layers, traces, strict=True):
+        def pre(_m, args, trace=trace):
+            trace.inputs = args[0].reshape(-1, args[0].shape[-1])
+
+        def post(_m, _args, out, trace=trace):
+            trace.routing = out
+
+        handles += [block.register_forward_pre_hook(pre), block.router.register_forward_hook(post)]
+    try:
+        yield traces
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def routing_targets(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, method: str) -> list[torch.Tensor]:
+    """PA labels of every layer for a batch of ids [B, S], each from that layer's real input in the student."""
+    blocks = [b for _, b in moe_layers(model)]
+    teacher_ffns = [m for _, m in find_ffns(teacher)]
+    with torch.no_grad(), trace_routing(model) as traces:
+        model(input_ids=ids, use_cache=False)
+    return [pa_labels(b, t, tr.inputs, method) for b, t, tr in zip(blocks, teacher_ffns, traces, strict=True)]
+
+
+def router_loss(cfg: TrainConfig, logits: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor | None,
+                top_k: int) -> torch.Tensor:
+    loss = logits.new_zeros(())
+    if cfg.pa_weight:
+        loss = loss + cfg.pa_weight * losses.pa_loss(logits, labels)
+    if cfg.bce_weight:
+        loss = loss + cfg.bce_weight * losses.router_bce_loss(logits, labels)
+    if cfg.switch_weight:
+        loss = loss + cfg.switch_weight * losses.switch_balance_loss(logits, indices)
+    if cfg.ref_balance_weight:
+        loss = loss + cfg.ref_balance_weight * losses.reference_balance_loss(logits, top_k)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks
+
+def check_teacher(model: nn.Module, teacher: nn.Module) -> None:
+    """The teacher must be the dense model the student was cut from (same shapes everywhere)."""
+    s, t = model.config, teacher.config
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(s, key, None) != getattr(t, key, None):
+            raise ValueError(f"teacher does not match the student: {key} {getattr(t, key, None)} != "
+                             f"{getattr(s, key, None)}; pass the dense model the student was converted from")
+    try:
+        teacher_ffns = find_ffns(teacher)
+    except ValueError as err:
+        raise ValueError(f"the teacher must be the dense model: {err}") from err
+    for (name, block), (_, ffn) in zip(moe_layers(model), teacher_ffns, strict=False):
+        width = adapter_for(ffn).read(ffn).width
+        if len(block.neuron_index) != width:
+            raise ValueError(f"teacher does not match the student at {name}: FFN width {width} != "
+                             f"{len(block.neuron_index)}; pass the dense model the student was converted from")
+
+
+def _check_window(model: nn.Module, data: TrainData) -> None:
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and data.train.shape[1] > max_pos:
+        raise ValueError(f"window {data.train.shape[1]} is longer than the model's context ({max_pos}); "
+                         f"use a window <= {max_pos}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+class Checkpointer:
+    """One file, `output_dir/checkpoint.pt`, replaced atomically; refuses a checkpoint of another run."""
+
+    def __init__(self, output_dir: str | None, fingerprint: str) -> None:
+        self.path = None if output_dir is None else Path(output_dir) / "checkpoint.pt"
+        self.fingerprint = fingerprint
+
+    def save(self, state: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", dir=self.path.parent)
+        os.close(fd)
+        try:
+            torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"{self.path} was written by a different training config or model; resume with the "
+                             "same config, or use another output_dir")
+        return state
+
+
+def _fingerprint(model: nn.Module, cfg: TrainConfig, data: TrainData) -> str:
+    blocks = [(n, b.experts.sizes, b.router.gating, b.router.top_k) for n, b in moe_layers(model)]
+    digest = hashlib.sha256(data.train.numpy().tobytes()).hexdigest()[:16]
+    return json.dumps({"config": cfg.fingerprint(), "blocks": blocks, "data": digest})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def _run_loop(accelerator, module: nn.Module, params: list[nn.Parameter], batch_fn: Callable[[int], object],
+              loss_fn: Callable[[object], tuple[torch.Tensor, int]], cfg: TrainConfig, ckpt: Checkpointer,
+              state: dict, result: TrainResult, desc: str, callbacks: Sequence[Callable[[int, dict], None]],
+              eval_fn: Callable[[], dict] | None = None, resume_from: dict | None = None) -> None:
+    """The training loop: step = batch_fn(step) -> loss_fn -> backward -> clip -> AdamW -> cosine schedule."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    start = 0
+    if resume_from is not None:
+        opt.load_state_dict(resume_from["optimizer"])
+        sched.load_state_dict(resume_from["scheduler"])
+        start = resume_from["step"]
+    opt = accelerator.prepare(opt)
+    bar = tqdm(range(start, cfg.max_steps), desc=desc, initial=start, total=cfg.max_steps,
+               disable=not accelerator.is_main_process, leave=False)
+    tokens, t0 = 0, time.perf_counter()
+    for step in bar:
+        loss, n_tok = loss_fn(batch_fn(step))
+        if not torch.isfinite(loss):
+            where = f"; the last good checkpoint is kept at {ckpt.path}" if ckpt.path else ""
+            raise TrainingDiverged(f"{desc}: loss is {loss.item()} at step {step}{where}. Lower the learning "
+                                   f"rate (lr={cfg.lr}) or the loss weights, then resume")
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += n_tok
+        value = accelerator.reduce(loss.detach(), "mean").item()
+        row = {"stage": desc, "step": step + 1, "loss": value, "lr": sched.get_last_lr()[0]}
+        result.history.append(row)
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            result.evals.append({"stage": desc, "step": step + 1, **eval_fn()})
+        done = step + 1 == cfg.max_steps
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or done):
+            ckpt.save({**state, "step": step + 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "params": _trainable_state(module), "history": result.history})
+        for cb in callbacks:
+            cb(step + 1, row)
+
+
+def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    module = getattr(module, "module", module)  # unwrap DDP
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _set_trainable(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for _, block in moe_layers(model):
+        block.router.straight_through = cfg.straight_through
+        groups = ([block.router] if cfg.train_router else []) + \
+                 ([block.experts, *([block.shared] if block.shared is not None else [])] if cfg.train_experts else [])
+        for g in groups:
+            for p in g.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+def train(model: nn.Module, teacher: nn.Module, data: TrainData | torch.Tensor, cfg: TrainConfig,
+          callbacks: Sequence[Callable[[int, dict], None]] = (), progress: bool = True) -> TrainResult:
+    """Trains a factorized model's routers and/or experts in place; the rest of the model stays frozen.
+
+    Args:
+        model: a model factorized by `factorllm.convert_`.
+        teacher: the dense model it was converted from (frozen; gives PA labels, FFN targets and logits).
+        data: `TrainData`, or training windows [N, S].
+        cfg: the `TrainConfig`.
+        callbacks: called as fn(step, row) after every step (logging, early stop by raising).
+
+    Example:
+        >>> cfg = TrainConfig(mode="layerwise", train_router=True, pseudo_label="norm", max_steps=200)
+        >>> factorllm.train(student, dense, TrainData(windows), cfg)
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    data = data if isinstance(data, TrainData) else TrainData(data)
+    if not moe_layers(model):
+        raise ValueError("the model is not factorized; call factorllm.convert_ first")
+    if any(b.router.gating == "oracle" for _, b in moe_layers(model)):
+        raise ValueError("the oracle gating has no router to train; set a real gating with factorllm.set_routing_")
+    check_teacher(model, teacher)
+    _check_window(model, data)
+    torch.manual_seed(cfg.seed)
+    # NOTE: cpu=True where there is no accelerator, so that processes started by `accelerate launch` (torchrun)
+    # form a gloo process group instead of running alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    teacher.eval().requires_grad_(False)
+    ckpt = Checkpointer(cfg.output_dir, _fingerprint(model, cfg, data))
+    resume = ckpt.load() if cfg.resume else None
+    if resume is not None:
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, value in resume["params"].items():
+                named[name].copy_(value)
+    params = _set_trainable(model, cfg)
+    result = TrainResult(history=list(resume["history"]) if resume else [])
+    t0 = time.perf_counter()
+    run = _train_layerwise if cfg.mode == "layerwise" else _train_end2end
+    run(accelerator, model, teacher, data, cfg, params, ckpt, resume, result, callbacks, progress)
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _eval_fn(model: nn.Module, data: TrainData) -> Callable[[], dict] | None:
+    if data.heldout.shape[0] == 0:
+        return None
+    from factorllm.evaluate import perplexity
+
+    return lambda: {"heldout_ppl": perplexity(model, data.heldout.reshape(-1), window=data.heldout.shape[1])}
+
+
+def _train_end2end(accelerator, model, teacher, data, cfg, params, ckpt, resume, result, callbacks, progress):
+    blocks = [b for _, b in moe_layers(model)]
+    teacher_ffns = [m for _, m in find_ffns(teacher)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
+    model.train()
+    wrapped = accelerator.prepare(model)
+    n = data.train.shape[0]
+
+    def batch_fn(step: int) -> torch.Tensor:
+        # A pure function of the step: epoch-seeded permutation, then this process's share of the batch.
+        per_epoch = max(1, n // cfg.batch_size)
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        idx = perm[(i * cfg.batch_size) % n:][: cfg.batch_size]
+        if len(idx) < cfg.batch_size:  # fewer windows than one batch: wrap around
+            idx = perm.repeat(cfg.batch_size // n + 1)[: cfg.batch_size]
+        share = cfg.batch_size // world
+        return data.train[idx[rank * share:(rank + 1) * share]].to(accelerator.device)
+
+    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        with trace_routing(model) as traces:
+            out = wrapped(input_ids=ids, use_cache=False)
+        loss = out.logits.new_zeros(())
+        if cfg.lm_weight:
+            loss = loss + cfg.lm_weight * losses.lm_loss(out.logits, ids)
+        if cfg.distill_weight:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+            loss = loss + cfg.distill_weight * losses.distill_loss(out.logits, t_logits)
+        if cfg.train_router and (cfg.pa_weight or cfg.bce_weight or cfg.switch_weight or cfg.ref_balance_weight):
+            # NOTE: labels come from each layer's own input in this very forward pass (the reference code
+            # used the previous layer's FFN output) and cover every sequence of the batch.
+            for block, ffn, tr in zip(blocks, teacher_ffns, traces, strict=True):
+                labels = pa_labels(block, ffn, tr.inputs.detach(), cfg.pseudo_label) \
+                    if (cfg.pa_weight or cfg.bce_weight) else None
+                loss = loss + router_loss(cfg, tr.routing.logits, tr.routing.indices, labels, block.router.top_k)
+        return loss, ids.numel()
+
+    state = {"layer": None}
+    _run_loop(accelerator, wrapped, params, batch_fn, loss_fn, cfg, ckpt, state, result, "end2end", callbacks,
+              _eval_fn(model, data), resume)
+
+
+@torch.no_grad()
+def cache_ffn_activations(teacher: nn.Module, windows: torch.Tensor, batch: int = 4,
+                          progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each dense FFN's real input and output on the windows: a list over layers of (x [T, D], y [T, D])."""
+    ffns = find_ffns(teacher)
+    cache: list[tuple[list, list]] = [([], []) for _ in ffns]
+    handles = []
+    for (_, m), (xs, ys) in zip(ffns, cache, strict=True):
+        handles.append(m.register_forward_pre_hook(lambda _m, a, xs=xs: xs.append(a[0].reshape(-1, a[0].shape[-1]))))
+        handles.append(m.register_forward_hook(lambda _m, a, o, ys=ys: ys.append(o.reshape(-1, o.shape[-1]))))
+    try:
+        for chunk in tqdm(windows.split(batch), desc="caching activations", disable=not progress, leave=False):
+            teacher(input_ids=chunk, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(torch.cat(xs), torch.cat(ys)) for xs, ys in cache]
+
+
+def _train_layerwise(accelerator, model, teacher, data, cfg, params, ckpt, resume, result, callbacks, progress):
+    layers = moe_layers(model)
+    teacher_ffns = [m for _, m in find_ffns(teacher)]
+    n_windows = max(1, min(data.train.shape[0], cfg.layerwise_tokens // data.train.shape[1]))
+    cache = cache_ffn_activations(teacher, data.train[:n_windows], progress=progress)
+    first = 0 if resume is None else resume["layer"]
+    for li in tqdm(range(first, len(layers)), desc="layers", disable=not progress or not accelerator.is_main_process):
+        name, block = layers[li]
+        x_all, y_all = cache[li]
+        block.train()
+
+        def batch_fn(step: int, li=li, x_all=x_all, y_all=y_all):
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + li * 1_009 + step)
+            idx = torch.randint(0, x_all.shape[0], (min(cfg.token_batch, x_all.shape[0]),), generator=g)
+            return x_all[idx], y_all[idx]
+
+        def loss_fn(batch, block=block, ffn=teacher_ffns[li]):
+            x, y = batch
+            rout = block.router(x)
+            loss = x.new_zeros(())
+            if cfg.train_router or cfg.switch_weight or cfg.ref_balance_weight:
+                labels = pa_labels(block, ffn, x, cfg.pseudo_label) if (cfg.pa_weight or cfg.bce_weight) else None
+                loss = loss + router_loss(cfg, rout.logits, rout.indices, labels, block.router.top_k)
+            if cfg.recon_weight:
+                loss = loss + cfg.recon_weight * losses.reconstruction_loss(block(x[None])[0], y)
+            return loss, x.shape[0]
+
+        state = {"layer": li}
+        # A checkpoint written mid-layer carries that layer's optimizer; one written between layers does not.
+        layer_resume = resume if (resume is not None and li == first and resume["optimizer"] is not None) else None
+        _run_loop(accelerator, block, [p for p in block.parameters() if p.requires_grad], batch_fn, loss_fn, cfg,
+                  _LayerCheckpointer(ckpt, model), state, result, f"layer {li}", callbacks, None, layer_resume)
+        block.eval()
+        # Mark the layer done, so a resume starts at the next one.
+        ckpt.save({"layer": li + 1, "step": 0, "optimizer": None, "scheduler": None,
+                   "params": _trainable_state(model), "history": result.history})
+    # NOTE: `params` (every trainable tensor) is unused here: each block trains alone on its own.
+
+
+class _LayerCheckpointer(Checkpointer):
+    """Within a layer: saves the whole model's trainable state (earlier layers included), not just the block's."""
+
+    def __init__(self, inner: Checkpointer, model: nn.Module) -> None:
+        super().__init__(None, inner.fingerprint)
+        self.inner, self.model, self.path = inner, model, inner.path
+
+    def save(self, state: dict) -> None:
+        self.inner.save({**state, "params": _trainable_state(self.model)})
