@@ -32,6 +32,10 @@ def main() -> int:
     ap.add_argument("--partition", default="importance")
     ap.add_argument("--gating", default="sum")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--router", default="linear_nobias", help="router network (linear_nobias, linear, mlp)")
+    ap.add_argument("--router-hidden", type=int, default=128, help="mlp router: hidden width")
+    ap.add_argument("--shared-neurons", type=int, default=0,
+                    help="an always-on shared expert of this many neurons; k is lowered to keep the FFN compute")
     ap.add_argument("--train-tokens", type=int, default=16384)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
@@ -60,8 +64,12 @@ def main() -> int:
     budget_s = args.minutes * 60 / stages
     rows = []
     for frac in args.fractions:
-        k = max(1, round(args.experts * frac))
-        cfg = FactorConfig(args.experts, k, partition=args.partition, gating=args.gating, router="linear_nobias")
+        width = dense.config.intermediate_size
+        per_expert = (width - args.shared_neurons) / args.experts
+        k = max(1, round((frac * width - args.shared_neurons) / per_expert))
+        cfg = FactorConfig(args.experts, k, partition=args.partition, gating=args.gating, router=args.router,
+                           router_hidden=args.router_hidden, shared_neurons=args.shared_neurons)
+        compute = (args.shared_neurons + k * per_expert) / width
         model = convert_(copy.deepcopy(dense), cfg, calib=calib, progress=False)
         for stage, tcfg in (
             ("router", TrainConfig(mode="layerwise", pseudo_label="norm", pa_weight=1.0, lr=args.router_lr,
@@ -85,6 +93,7 @@ def main() -> int:
                 train(model, dense, TrainData(train_w), tcfg)
             minutes = (time.time() - t0) / 60
             row = {"experts": args.experts, "top_k": k, "partition": args.partition, "gating": args.gating,
+                   "router": args.router, "shared_neurons": args.shared_neurons, "ffn_compute": compute,
                    "stage": stage, "steps": steps, "train_minutes": minutes,
                    "ppl": {d: {"dense": dense_ppl[d]} for d in evals}}
             for name, variant in (("trained", model), ("oracle", oracle_of(model)), ("random", random_of(model))):
@@ -101,7 +110,7 @@ def main() -> int:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         p, q = r["ppl"]["pydoc"], r["ppl"]["kjv"]
-        print(f"| {r['top_k'] / r['experts']:.0%} | {r['stage']} | {r['train_minutes']:.1f} | {p['dense']:.2f} | "
+        print(f"| {r['ffn_compute']:.0%} | {r['stage']} | {r['train_minutes']:.1f} | {p['dense']:.2f} | "
               f"{p['trained']:.2f} | {p['oracle']:.2f} | {p['random']:.1f} | {q['dense']:.2f} | {q['trained']:.2f} "
               f"| {q['oracle']:.2f} | {q['random']:.1f} |")
     print(f"total {(time.time() - t_start) / 60:.1f} min")
@@ -157,7 +166,8 @@ def random_of(model):
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(1234)
         for _, block in moe_layers(m):
-            block.router.net.weight.normal_(0, 1.0)
+            for p in block.router.net.parameters():
+                p.normal_(0, 1.0)
     return m
 
 

@@ -1,4 +1,4 @@
-"""The batch-1 native kernel (csrc/moe_decode.c) against the torch path, and when it is (not) taken."""
+"""The native CPU kernels (csrc/moe_kernels.c) against the torch path, and when they are (not) taken."""
 
 from __future__ import annotations
 

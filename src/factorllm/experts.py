@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from factorllm import packed_gemm
+from factorllm import mkl, native
 from factorllm.adapters import FFNWeights
 from factorllm.registry import Registry
 
@@ -124,9 +124,9 @@ class Experts(nn.Module):
     def can_pack(self) -> bool:
         """Whether inference on many tokens runs on MKL-packed weights (equal float32 CPU experts, MKL present)."""
         return (not self.padded and self.w_in.dtype == torch.float32 and self.w_in.device.type == "cpu"
-                and packed_gemm.available())
+                and mkl.available())
 
-    def packed(self) -> list[tuple[packed_gemm.PackedWeight, packed_gemm.PackedWeight]] | None:
+    def packed(self) -> list[tuple[mkl.PackedWeight, mkl.PackedWeight]] | None:
         """Per expert (w_in[e], w_out[e]) packed for MKL's GEMM, cached; None where packing does not apply.
 
         NOTE: the packed copies do not alias the parameters, so the cache is keyed on their storage and version
@@ -139,7 +139,7 @@ class Experts(nn.Module):
         if self._packed is None or self._packed[0] != key:
             self._packed = None  # free the stale copies before packing new ones
             with torch.no_grad():
-                packs = [(packed_gemm.pack(self.w_in[e]), packed_gemm.pack(self.w_out[e]))
+                packs = [(mkl.pack(self.w_in[e]), mkl.pack(self.w_out[e]))
                          for e in range(self.num_experts)]
             self._packed = (key, packs)
         return self._packed[1]
@@ -155,7 +155,7 @@ class Experts(nn.Module):
 
         `scale` is a float or per-token [n_tok, 1]; it multiplies the activations [n_tok, I], which is cheaper
         than scaling the output [n_tok, D]. In-place activations, no temporaries beyond the input projection.
-        More than DECODE_MAX_TOKENS tokens use MKL-packed weights where available (see `packed_gemm`).
+        More than DECODE_MAX_TOKENS tokens use MKL-packed weights where available (see `mkl`).
         """
         n, I = self.sizes[e], self.width
         if n != I:
@@ -165,7 +165,7 @@ class Experts(nn.Module):
         packed = self.packed() if x.shape[0] > DECODE_MAX_TOKENS else None
         w_in, w_out_t, b_in = self.views()
         if packed is not None:
-            h = packed_gemm.linear(x, packed[e][0])  # [n_tok, m*I]
+            h = mkl.linear(x, packed[e][0])  # [n_tok, m*I]
             if b_in[e] is not None:
                 h.add_(b_in[e])
         else:
@@ -176,7 +176,7 @@ class Experts(nn.Module):
         if not isinstance(scale, float) or scale != 1.0:
             a.mul_(scale)
         if packed is not None:
-            packed_gemm.linear(a, packed[e][1], out=out, accumulate=accumulate)
+            mkl.linear(a, packed[e][1], out=out, accumulate=accumulate)
         elif accumulate:
             out.addmm_(a, w_out_t[e])
         else:
@@ -312,7 +312,13 @@ def _sort_by_expert(indices: torch.Tensor, num_experts: int):
 
 @EXPERT_PATHS.register("sorted")
 def sorted_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Many tokens: slots sorted by expert, one contiguous GEMM pair per expert, one scatter back."""
+    """Many tokens: slots sorted by expert, one contiguous GEMM pair per expert, one scatter back.
+
+    Inference on CPU runs all of it in one native call where it can (`native.prefill`: MKL-packed weights,
+    experts in parallel); the loop below is its reference and the fallback.
+    """
+    if not torch.is_grad_enabled() and native.prefill_available(experts):
+        return native.prefill(experts, x.contiguous(), weights, indices)
     T, k = indices.shape
     _, order, counts = _sort_by_expert(indices, experts.num_experts)
     token = order // k  # [T*k]  token of each sorted slot

@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_experts import _ffn, _partition
 
-from factorllm import packed_gemm
+from factorllm import mkl
 from factorllm.experts import Experts
 
-pytestmark = pytest.mark.skipif(not packed_gemm.available(), reason="this torch build has no MKL packed GEMM")
+pytestmark = pytest.mark.skipif(not mkl.available(), reason="this torch build has no MKL packed GEMM")
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 37, 130, 600])
@@ -17,11 +17,11 @@ def test_linear_equals_functional_linear(rows):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(48, 20, generator=g)
     x = torch.randn(rows, 20, generator=g)
-    p = packed_gemm.pack(w)
-    torch.testing.assert_close(packed_gemm.linear(x, p), torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
+    p = mkl.pack(w)
+    torch.testing.assert_close(mkl.linear(x, p), torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
     out = torch.randn(rows, 48, generator=g)
     want = out + torch.nn.functional.linear(x, w)
-    packed_gemm.linear(x, p, out=out, accumulate=True)
+    mkl.linear(x, p, out=out, accumulate=True)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
@@ -29,20 +29,20 @@ def test_row_views_of_a_larger_tensor():
     big = torch.randn(10, 48, 20)
     w, x = big[3], torch.randn(40, 20)[5:17]  # views with storage offsets
     out = torch.zeros(30, 48)[10:22]
-    packed_gemm.linear(x, packed_gemm.pack(w), out=out)
+    mkl.linear(x, mkl.pack(w), out=out)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_arguments_are_refused():
-    p = packed_gemm.pack(torch.randn(8, 4))
+    p = mkl.pack(torch.randn(8, 4))
     with pytest.raises(ValueError, match="contiguous rows"):
-        packed_gemm.linear(torch.randn(4, 3).t(), p)  # [3, 4] with column stride 3... wrong K as well
+        mkl.linear(torch.randn(4, 3).t(), p)  # [3, 4] with column stride 3... wrong K as well
     with pytest.raises(ValueError, match="float32"):
-        packed_gemm.linear(torch.randn(2, 4, dtype=torch.float64), p)
+        mkl.linear(torch.randn(2, 4, dtype=torch.float64), p)
     with pytest.raises(ValueError, match="out must be"):
-        packed_gemm.linear(torch.randn(2, 4), p, out=torch.empty(2, 7))
+        mkl.linear(torch.randn(2, 4), p, out=torch.empty(2, 7))
     with pytest.raises(ValueError, match="float32 CPU weight"):
-        packed_gemm.pack(torch.randn(4, 8).t())
+        mkl.pack(torch.randn(4, 8).t())
 
 
 def test_packed_experts_follow_optimizer_steps_and_clear_cache():

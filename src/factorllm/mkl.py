@@ -1,14 +1,14 @@
-"""GEMMs against weights pre-packed in MKL's internal layout (CPU inference).
+"""MKL entry points that torch's x86 CPU build exports: GEMMs on pre-packed weights, and GEMV (CPU inference).
 
-Why: a GEMM re-packs its weight matrix into the kernel's blocked layout on every call. For the dense FFN's
-512-row GEMMs that cost is amortised; for an expert's ~128 rows it is not (measured here, 2048x1408 weight:
-266 GFLOP/s unpacked against 324 packed at 128 rows, 111 against 217 at 20 rows, while the dense 512-row GEMM
-runs at 301). Packing once and reusing the packed copy removes that cost.
+Why packed weights: a GEMM re-packs its weight matrix into the kernel's blocked layout on every call. For the
+dense FFN's 512-row GEMMs that cost is amortised; for an expert's ~128 rows it is not (measured here, 2048x1408
+weight: 266 GFLOP/s unpacked against 324 packed at 128 rows, 111 against 217 at 20 rows, while the dense
+512-row GEMM runs at 301). Packing once and reusing the packed copy removes that cost.
 
-torch's x86 CPU build links MKL and exports its packed-GEMM entry points (`cblas_sgemm_pack`,
-`cblas_sgemm_compute`) from libtorch_cpu; torch's own `mkl::_mkl_linear` only uses them when the row count
-equals the one packed for, so they are called here through ctypes, for any row count. Builds without MKL
-(aarch64, macOS) report `available() == False` and callers keep `nn.functional.linear`.
+torch links MKL into libtorch_cpu and exports `cblas_sgemm_pack`, `cblas_sgemm_compute` and `sgemv_`; torch's
+own `mkl::_mkl_linear` only uses the packed GEMM when the row count equals the one packed for, so they are
+called here through ctypes (and by address from factorllm.native's C kernels), for any row count. Builds
+without MKL (aarch64, macOS) report `available() == False` and callers keep `nn.functional.linear`.
 
 The packed copy costs as much memory as the weight it packs. Set FACTORLLM_PACKED_GEMM=0 to turn it off.
 """
@@ -35,17 +35,28 @@ def _mkl():
     try:
         lib = ctypes.CDLL(path)
         get_size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
+        gemv = lib.sgemv_
     except (OSError, AttributeError):
         return None
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     get_size.restype, get_size.argtypes = ctypes.c_size_t, [i, i, i, i]
     pack.restype, pack.argtypes = None, [i, i, i, i, i, i, f, p, i, p]
     compute.restype, compute.argtypes = None, [i, i, i, i, i, i, p, i, p, i, f, p, i]
-    return get_size, pack, compute
+    return get_size, pack, compute, gemv
 
 
 def available() -> bool:
     return _mkl() is not None
+
+
+def compute_address() -> int:
+    """The address of MKL's cblas_sgemm_compute, for native code that calls it directly (factorllm.native)."""
+    return ctypes.cast(_mkl()[2], ctypes.c_void_p).value
+
+
+def gemv_address() -> int | None:
+    """The address of MKL's Fortran sgemv_, or None without MKL (factorllm.native then uses its own loops)."""
+    return None if _mkl() is None else ctypes.cast(_mkl()[3], ctypes.c_void_p).value
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,7 @@ def pack(weight: torch.Tensor) -> PackedWeight:
         raise RuntimeError("MKL's packed GEMM is not available in this torch build; use nn.functional.linear")
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.stride(1) != 1:
         raise ValueError("pack() takes a float32 CPU weight [N, K] with contiguous rows")
-    get_size, pack_fn, _ = mkl
+    get_size, pack_fn = mkl[:2]
     n, k = weight.shape
     size = get_size(_B_MATRIX, _ROWS_HINT, n, k)
     buffer = torch.empty(size // 4 + 1, dtype=torch.float32)
