@@ -72,9 +72,12 @@ def test_kernel_is_not_taken_where_it_does_not_apply(case):
     x = torch.randn(1, 2 if case == "two tokens" else 1, 32)
     with torch.set_grad_enabled(case == "grad"):
         y = block(x)
-    assert block._kernel is None
-    if case == "router hook":
+    if case in ("oracle", "mlp router", "unequal experts"):
+        assert block._kernel is None
+    elif case == "router hook":
         assert len(seen) == 1  # routing traces see the token
+    elif case == "grad":
+        assert y.requires_grad  # the kernel's output would carry no graph
     with torch.no_grad():
         torch.testing.assert_close(y.view(-1, 32), _torch_path(block, x.view(-1, 32)), atol=1e-5, rtol=1e-5)
 
@@ -107,3 +110,19 @@ def test_activation_codes_match_torch():
     for name in ("gelu_new", "gelu_pytorch_tanh", "gelu", "silu", "relu"):
         assert native.act_code(ACT2FN[name]) is not None, name
     assert native.act_code(nn.Tanh()) is None  # no kernel for it: the torch path runs
+
+
+def test_kernel_follows_set_routing():
+    from factorllm import set_routing_
+
+    model, blocks = _blocks("llama", FactorConfig(4, 2))
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        blocks[0](x)
+        for top_k, gating in ((1, None), (3, "sum"), (3, "oracle")):
+            set_routing_(model, top_k=top_k, gating=gating)
+            block = moe_layers(model)[0][1]
+            torch.testing.assert_close(block(x).view(1, 32), _torch_path(block, x.view(1, 32)), atol=1e-5, rtol=1e-5)
+            assert (block._kernel is None) == (gating == "oracle")
+        block.router.top_k = 2  # edited in place, not swapped
+        torch.testing.assert_close(block(x).view(1, 32), _torch_path(block, x.view(1, 32)), atol=1e-5, rtol=1e-5)

@@ -40,9 +40,10 @@ class MoEFeedForward(nn.Module):
         self.b_out = None if b_out is None else nn.Parameter(b_out.detach().clone())
         self.register_buffer("neuron_index", neuron_index.to(torch.int64))
         self._kernel: native.DecodeKernel | None = None  # the batch-1 kernel bound to these weights, see `forward`
+        self._kernel_key: tuple | None = None
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_kernel": None}  # raw pointers: copies rebind their own
+        return {**super().__getstate__(), "_kernel": None, "_kernel_key": None}  # raw pointers: copies rebind
 
     @classmethod
     def from_dense(
@@ -90,14 +91,14 @@ class MoEFeedForward(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, D]
-        if self.router.gating == "oracle":
+        if x.shape[0] == 1 and not torch.is_grad_enabled() and (kernel := self.decode_kernel(x)) is not None:
+            y = kernel(x)  # one token: router, top-k and the chosen experts in one native call
+        elif self.router.gating == "oracle":
             # NOTE: the oracle needs every expert's output to choose; reuse it instead of running experts twice.
             outs = self.experts.all_outputs(x)  # [T, E, D]
             weights, indices = self.router(x, outs.norm(dim=-1))[1:]  # [T, k], [T, k]
             chosen = outs.gather(1, indices[..., None].expand(-1, -1, outs.shape[-1]))  # [T, k, D]
             y = (chosen * weights[..., None]).sum(dim=1)  # [T, D]
-        elif x.shape[0] == 1 and not torch.is_grad_enabled() and (kernel := self.decode_kernel(x)) is not None:
-            y = kernel(x[0]).view(1, -1)  # one token: router, top-k and the chosen experts in one native call
         else:
             _, weights, indices = self.router(x)
             y = self.experts(x, weights, indices)
@@ -108,27 +109,37 @@ class MoEFeedForward(nn.Module):
         return y.view(shape)
 
     def decode_kernel(self, x: torch.Tensor) -> native.DecodeKernel | None:
-        """The native batch-1 kernel for this block (cached), or None where it does not apply.
+        """The native batch-1 kernel for this block, or None where it does not apply (then: the torch path).
 
         It applies to inference on float32 CPU tensors, a linear router, the gatings in `native.GATINGS`,
         equal-width experts and an activation the kernel has; never with hooks on the router (routing traces
-        must see every token). Everything else runs the torch path, which is also the kernel's test reference.
+        must see every token). The torch path is also the kernel's test reference.
+
+        NOTE: the answer (a kernel or None) is cached under everything it depends on: the router object, its k and
+        gating (`set_routing_` swaps or edits them) and where the weights live; only x is checked on every call.
+        Attributes are read from the module dicts: nn.Module.__getattr__ costs a microsecond per token and layer.
         """
-        router, experts = self.router, self.experts
-        if self._kernel is not None and self._kernel.matches(router.net, experts) and not _hooked(router):
-            return self._kernel
-        self._kernel = None
-        tensors = [router.net.weight, experts.w_in, experts.w_out, x] if type(router.net) is nn.Linear else []
-        tensors += [t for t in (getattr(router.net, "bias", None), experts.b_in) if t is not None]
-        if (not tensors or router.gating not in native.GATINGS or experts.padded or _hooked(router)
-                or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+            return None
+        router, experts = self._modules["router"], self._modules["experts"]
+        net = router._modules["net"]
+        key = (router, router.top_k, router.gating, type(net), native.weight_key(net, experts)
+               if type(net) is nn.Linear else None)
+        if self._kernel_key != key:
+            self._kernel, self._kernel_key = self._bind_kernel(router, experts), key
+        return None if _hooked(router) else self._kernel
+
+    @staticmethod
+    def _bind_kernel(router: Router, experts: Experts) -> native.DecodeKernel | None:
+        net = router.net
+        if type(net) is not nn.Linear or router.gating not in native.GATINGS or experts.padded:
+            return None
+        tensors = [t for t in (net.weight, net.bias, experts.w_in, experts.b_in, experts.w_out) if t is not None]
+        if (any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
                 or not native.available()):
             return None
         act = native.act_code(experts.act)
-        if act is None:
-            return None
-        self._kernel = native.DecodeKernel(router.net, router.gating, router.top_k, experts, act)
-        return self._kernel
+        return None if act is None else native.DecodeKernel(net, router.gating, router.top_k, experts, act)
 
     def to_dense_weights(self) -> FFNWeights:
         """The dense FFN this block was cut from, rebuilt from the experts (its neurons in original order)."""
@@ -154,8 +165,10 @@ class MoEFeedForward(nn.Module):
         )
 
 
-def _hooked(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+def _hooked(router: Router) -> bool:
+    """Whether forward hooks watch the router or its network (then every token must go through them)."""
+    net = router._modules["net"]  # NOTE: not router.net: nn.Module.__getattr__ costs a microsecond per token
+    return bool(router._forward_hooks or router._forward_pre_hooks or net._forward_hooks or net._forward_pre_hooks)
 
 
 def _check_partition(

@@ -80,7 +80,7 @@ def _lib():
     p, i = ctypes.c_void_p, ctypes.c_int
     fn = lib.factorllm_moe_decode
     fn.restype = i
-    fn.argtypes = [p, i, p, p, i, i, i, p, p, p, i, i, i, p, p, p, p, p]
+    fn.argtypes = [p, p, p]
     lib.factorllm_act.restype, lib.factorllm_act.argtypes = ctypes.c_float, [ctypes.c_float, i]
     fn = lib.factorllm_moe_prefill
     fn.restype = i
@@ -113,41 +113,54 @@ def act_code(act: nn.Module) -> int | None:
         return None
 
 
-class DecodeKernel:
-    """The kernel bound to one MoE block's weights; `__call__(x [D]) -> [D]`.
+class _DecodeArgs(ctypes.Structure):
+    """Mirror of DecodeArgs in csrc/moe_kernels.c."""
 
-    NOTE: it holds raw pointers, so it is rebuilt when a weight's storage changes (`matches`).
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("router_w", "router_b", "w_in", "b_in", "w_out", "scratch", "chosen", "weights", "gemv")]
+    _fields_ += [(name, ctypes.c_int) for name in ("D", "E", "k", "I", "gated", "act", "gating")]
+
+
+class DecodeKernel:
+    """The batch-1 kernel bound to one MoE block's weights: `__call__(x [1, D]) -> [1, D]`.
+
+    NOTE: it holds raw pointers, so the block rebinds it when a weight moves (`weight_key`). The fixed
+    arguments live in one C struct, so a call converts three arguments instead of eighteen (ctypes' per-argument
+    cost is a visible share of a 60 us call).
     """
 
     def __init__(self, router: nn.Linear, gating: str, top_k: int, experts, act: int) -> None:
-        self.tensors = (router.weight, router.bias, experts.w_in, experts.b_in, experts.w_out)
-        self.key = tuple(None if t is None else t.data_ptr() for t in self.tensors)
         E, mI, D = experts.w_in.shape
-        self.D, self.k, self.mI = D, top_k, mI
-        self.fixed = (router.weight.data_ptr(), None if router.bias is None else router.bias.data_ptr(), E, top_k,
-                      GATINGS[gating], experts.w_in.data_ptr(),
-                      None if experts.b_in is None else experts.b_in.data_ptr(), experts.w_out.data_ptr(),
-                      experts.width, int(experts.gated), act)
+        self.tensors = (router.weight, router.bias, experts.w_in, experts.b_in, experts.w_out)  # keeps them alive
         self.chosen = (ctypes.c_int * top_k)()  # the kernel writes the routing here (kept for inspection)
         self.weights = (ctypes.c_float * top_k)()
         self.scratch = experts.w_in.new_empty(top_k * mI)  # NOTE: one per block: calls on a block are serial
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         # NOTE: MKL's GEMV streams cold weights faster than the kernel's own loops (measured in SmolLM2 decode:
         # 1.37x against 1.34x dense; 2048x5632 layer: 0.28 against 0.30 of dense); the loops stay for builds
         # without MKL.
-        self.gemv = mkl.gemv_address()
-
-    def matches(self, router: nn.Linear, experts) -> bool:
-        now = (router.weight, router.bias, experts.w_in, experts.b_in, experts.w_out)
-        return tuple(None if t is None else t.data_ptr() for t in now) == self.key
+        self.args = _DecodeArgs(
+            ptr(router.weight), ptr(router.bias), ptr(experts.w_in), ptr(experts.b_in), ptr(experts.w_out),
+            self.scratch.data_ptr(), ctypes.addressof(self.chosen), ctypes.addressof(self.weights),
+            mkl.gemv_address(), D, E, top_k, experts.width, int(experts.gated), act, GATINGS[gating])
+        self.args_ref = ctypes.byref(self.args)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
-        r_w, r_b, E, k, g, w_in, b_in, w_out, I, gated, act = self.fixed
-        rc = _lib().factorllm_moe_decode(x.data_ptr(), self.D, r_w, r_b, E, k, g, w_in, b_in, w_out, I, gated, act,
-                                         out.data_ptr(), self.scratch.data_ptr(), self.chosen, self.weights, self.gemv)
-        if rc != 0:
-            raise RuntimeError(f"the batch-1 MoE kernel refused its arguments (E={E}, k={k})")
+        if _lib().factorllm_moe_decode(self.args_ref, x.data_ptr(), out.data_ptr()) != 0:
+            raise RuntimeError(f"the batch-1 MoE kernel refused its arguments (E={self.args.E}, k={self.args.k})")
         return out
+
+
+def weight_key(router: nn.Linear, experts) -> tuple:
+    """Where the kernel's weights live; a change means the kernel must be rebound.
+
+    NOTE: reads the parameter dicts directly: nn.Module.__getattr__ would cost a microsecond a lookup, on every
+    decoded token of every layer.
+    """
+    r, e = router._parameters, experts._parameters
+    return tuple(None if t is None else t.data_ptr()
+                 for t in (r["weight"], r.get("bias"), e["w_in"], e.get("b_in"), e["w_out"]))
 
 
 def prefill_available(experts) -> bool:

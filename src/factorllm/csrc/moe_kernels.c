@@ -71,14 +71,29 @@ static void route(const float *logits, int E, int k, int gating, int *chosen, fl
     }
 }
 
-/* out[D] = sum over the k chosen experts of weight * expert(x); chosen/weights receive the routing.
- * scratch holds k*m*I floats. Returns 0, or -1 for unsupported sizes. */
 typedef void (*sgemv_fn)(const char *trans, const int *m, const int *n, const float *alpha, const float *a,
                          const int *lda, const float *x, const int *incx, const float *beta, float *y, const int *incy);
 
-int factorllm_moe_decode(const float *x, int D, const float *router_w, const float *router_b, int E, int k,
-                         int gating, const float *w_in, const float *b_in, const float *w_out, int I, int gated,
-                         int act, float *out, float *scratch, int *chosen, float *weights, void *gemv_ptr) {
+/* A block's fixed arguments, bound once (factorllm.native.DecodeKernel): a call passes only x and out. */
+typedef struct {
+    const float *router_w, *router_b; /* [E, D], [E] or NULL */
+    const float *w_in, *b_in, *w_out; /* [E, m*I, D], [E, m*I] or NULL, [E, D, I] */
+    float *scratch;                   /* [k, m*I] */
+    int *chosen;                      /* [k]: the routing of the last call */
+    float *weights;                   /* [k] */
+    void *gemv;                       /* MKL's sgemv_, or NULL for the loops below */
+    int D, E, k, I, gated, act, gating;
+} DecodeArgs;
+
+/* out[D] = sum over the k chosen experts of weight * expert(x). Returns 0, or -1 for unsupported sizes. */
+int factorllm_moe_decode(const DecodeArgs *args, const float *x, float *out) {
+    const float *router_w = args->router_w, *router_b = args->router_b, *w_in = args->w_in, *b_in = args->b_in,
+                *w_out = args->w_out;
+    float *scratch = args->scratch, *weights = args->weights;
+    int *chosen = args->chosen;
+    void *gemv_ptr = args->gemv;
+    const int D = args->D, E = args->E, k = args->k, I = args->I, gated = args->gated, act = args->act,
+              gating = args->gating;
     if (E > MAX_EXPERTS || k > E || k < 1) return -1;
     const int m = gated ? 2 : 1, mI = m * I;
     float logits[MAX_EXPERTS];
@@ -103,41 +118,48 @@ int factorllm_moe_decode(const float *x, int D, const float *router_w, const flo
         return 0;
     }
 
-    /* gate/up rows of every chosen expert, then the activation scaled by the routing weight */
-    const int blocks = (mI + 3) / 4; /* rows in blocks of four; a short last block runs row by row */
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < k * blocks; b++) {
-        int j = b / blocks, row = (b % blocks) * 4;
-        size_t e = (size_t)chosen[j];
-        float *h = scratch + (size_t)j * mI + row;
-        const float *w = w_in + (e * mI + row) * D;
-        if (row + 4 <= mI)
-            dot4(w, (size_t)D, x, D, h);
-        else
-            for (int r = 0; row + r < mI; r++) h[r] = dot(w + (size_t)r * D, x, D);
-        if (b_in)
-            for (int r = 0; r < 4 && row + r < mI; r++) h[r] += b_in[e * mI + row + r];
-    }
-    for (int j = 0; j < k; j++) {
-        float *h = scratch + (size_t)j * mI;
-        for (int i = 0; i < I; i++) h[i] = weights[j] * factorllm_act(h[i], act) * (gated ? h[I + i] : 1.0f);
-    }
-    /* down projection: each output row reads the chosen experts' rows of w_out */
-    const int dblocks = (D + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < dblocks; b++) {
-        int d = b * 4;
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, part[4];
-        for (int j = 0; j < k; j++) {
-            const float *w = w_out + ((size_t)chosen[j] * D + d) * I, *a = scratch + (size_t)j * mI;
-            if (d + 4 <= D) {
-                dot4(w, (size_t)I, a, I, part);
-                for (int r = 0; r < 4; r++) acc[r] += part[r];
-            } else {
-                for (int r = 0; d + r < D; r++) acc[r] += dot(w + (size_t)r * I, a, I);
-            }
+    /* one parallel region, three work-shared loops (one fork/join instead of two) */
+    const int blocks = (mI + 3) / 4, dblocks = (D + 3) / 4; /* rows in blocks of four; a short last block
+                                                              runs row by row */
+#pragma omp parallel
+    {
+        /* gate/up rows of every chosen expert */
+#pragma omp for schedule(static)
+        for (int b = 0; b < k * blocks; b++) {
+            int j = b / blocks, row = (b % blocks) * 4;
+            size_t e = (size_t)chosen[j];
+            float *h = scratch + (size_t)j * mI + row;
+            const float *w = w_in + (e * mI + row) * D;
+            if (row + 4 <= mI)
+                dot4(w, (size_t)D, x, D, h);
+            else
+                for (int r = 0; row + r < mI; r++) h[r] = dot(w + (size_t)r * D, x, D);
+            if (b_in)
+                for (int r = 0; r < 4 && row + r < mI; r++) h[r] += b_in[e * mI + row + r];
         }
-        for (int r = 0; r < 4 && d + r < D; r++) out[d + r] = acc[r];
+        /* the activation, scaled by the routing weight, into the first I entries of each expert's rows */
+#pragma omp for schedule(static)
+        for (int n = 0; n < k * I; n++) {
+            int j = n / I, i = n % I;
+            float *h = scratch + (size_t)j * mI;
+            h[i] = weights[j] * factorllm_act(h[i], act) * (gated ? h[I + i] : 1.0f);
+        }
+        /* down projection: each output row reads the chosen experts' rows of w_out */
+#pragma omp for schedule(static)
+        for (int b = 0; b < dblocks; b++) {
+            int d = b * 4;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, part[4];
+            for (int j = 0; j < k; j++) {
+                const float *w = w_out + ((size_t)chosen[j] * D + d) * I, *a = scratch + (size_t)j * mI;
+                if (d + 4 <= D) {
+                    dot4(w, (size_t)I, a, I, part);
+                    for (int r = 0; r < 4; r++) acc[r] += part[r];
+                } else {
+                    for (int r = 0; d + r < D; r++) acc[r] += dot(w + (size_t)r * I, a, I);
+                }
+            }
+            for (int r = 0; r < 4 && d + r < D; r++) out[d + r] = acc[r];
+        }
     }
     return 0;
 }
