@@ -62,3 +62,18 @@ def test_packed_experts_follow_optimizer_steps_and_clear_cache():
         experts.w_out.data.mul_(1.5)  # bypasses the version counter: clear_cache is the documented remedy
         experts.clear_cache()
         torch.testing.assert_close(experts(x, w, idx), experts.forward_naive(x, w, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_copy_and_save_after_packed_inference(tmp_path):
+    import copy
+
+    experts = Experts.from_ffn(_ffn(True, False), _partition([8] * 6))
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
+    idx, w = torch.arange(80).remainder(6).view(40, 2), torch.ones(40, 2)
+    with torch.no_grad():
+        want = experts(x, w, idx)  # fills the packed and pointer caches (ctypes: not picklable)
+        clone = copy.deepcopy(experts)
+        torch.save(experts, tmp_path / "e.pt")
+        torch.testing.assert_close(clone(x, w, idx), want)
+        clone.w_in.mul_(2)  # its own storage and packs: the original is untouched
+        torch.testing.assert_close(experts(x, w, idx), want)

@@ -42,6 +42,7 @@ class Experts(nn.Module):
         self.path: str | None = None  # None: choose automatically
         self._views: tuple | None = None  # cached per-expert weight views, see `views()`
         self._packed: tuple | None = None  # cached MKL-packed weights, see `packed()`
+        self._prefill_ptrs: tuple | None = None  # their addresses, for factorllm.native.prefill
         E, I, m = len(sizes), max(sizes), 2 if gated else 1
         self.w_in = nn.Parameter(torch.zeros(E, m * I, hidden, dtype=dtype))  # [E, m*I, D]
         self.w_out = nn.Parameter(torch.zeros(E, hidden, I, dtype=dtype))  # [E, D, I]
@@ -50,7 +51,7 @@ class Experts(nn.Module):
     def __getstate__(self) -> dict:
         # The view cache is derived state: copies and pickles rebuild it (views of the old parameters would
         # point at the old storage, and autograd forbids copying views taken before an in-place update).
-        return {**super().__getstate__(), "_views": None, "_packed": None}
+        return {**super().__getstate__(), "_views": None, "_packed": None, "_prefill_ptrs": None}
 
     @property
     def num_experts(self) -> int:
@@ -137,7 +138,7 @@ class Experts(nn.Module):
             return None
         key = (self.w_in.data_ptr(), self.w_in._version, self.w_out.data_ptr(), self.w_out._version)
         if self._packed is None or self._packed[0] != key:
-            self._packed = None  # free the stale copies before packing new ones
+            self._packed = self._prefill_ptrs = None  # free the stale copies before packing new ones
             with torch.no_grad():
                 packs = [(mkl.pack(self.w_in[e]), mkl.pack(self.w_out[e]))
                          for e in range(self.num_experts)]
@@ -146,7 +147,7 @@ class Experts(nn.Module):
 
     def clear_cache(self) -> None:
         """Drops the cached weight views and packed copies (rebuilt on the next forward)."""
-        self._views = self._packed = None
+        self._views = self._packed = self._prefill_ptrs = None
 
     def expert_into(
         self, e: int, x: torch.Tensor, out: torch.Tensor, scale: float | torch.Tensor = 1.0, accumulate: bool = False

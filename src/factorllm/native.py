@@ -177,10 +177,9 @@ def prefill(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     T, D = x.shape
     k = indices.shape[1]
     E, mI, _ = experts.w_in.shape
-    key = id(packed)
-    if getattr(experts, "_prefill_ptrs", (None,))[0] != key:  # pointer arrays, rebuilt with the packed weights
+    if experts._prefill_ptrs is None or experts._prefill_ptrs[0] is not packed:  # rebuilt with the packed weights
         ptrs = ctypes.c_void_p * E
-        experts._prefill_ptrs = (key, ptrs(*[p[0].buffer.data_ptr() for p in packed]),
+        experts._prefill_ptrs = (packed, ptrs(*[p[0].buffer.data_ptr() for p in packed]),
                                  ptrs(*[p[1].buffer.data_ptr() for p in packed]))
     _, p_in, p_out = experts._prefill_ptrs
     S = T * k
