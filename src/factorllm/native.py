@@ -74,7 +74,7 @@ def _lib():
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        warnings.warn(f"factorllm: the batch-1 MoE kernel did not build ({detail}); using torch ops "
+        warnings.warn(f"factorllm: the native MoE kernels did not build ({detail}); using torch ops "
                       "(set FACTORLLM_NATIVE=0 to skip the attempt)", stacklevel=3)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
