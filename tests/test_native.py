@@ -126,3 +126,12 @@ def test_kernel_follows_set_routing():
             assert (block._kernel is None) == (gating == "oracle")
         block.router.top_k = 2  # edited in place, not swapped
         torch.testing.assert_close(block(x).view(1, 32), _torch_path(block, x.view(1, 32)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("FACTORLLM_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="FACTORLLM_NATIVE=0"):
+        assert native._lib.__wrapped__() is None
+    monkeypatch.setenv("FACTORLLM_NATIVE", "0")
+    assert native._lib.__wrapped__() is None
