@@ -6,10 +6,17 @@ import pytest
 import torch
 from test_experts import _ffn, _partition
 
+from factorllm import experts as experts_module
 from factorllm import mkl
 from factorllm.experts import Experts
 
 pytestmark = pytest.mark.skipif(not mkl.available(), reason="this torch build has no MKL packed GEMM")
+
+
+@pytest.fixture
+def pack_tiny(monkeypatch):
+    """The tests' experts are far below the packing threshold; lower it so they are packed."""
+    monkeypatch.setattr(experts_module, "PACK_MIN_BYTES", 0)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 37, 130, 600])
@@ -45,7 +52,7 @@ def test_bad_arguments_are_refused():
         mkl.pack(torch.randn(4, 8).t())
 
 
-def test_packed_experts_follow_optimizer_steps_and_clear_cache():
+def test_packed_experts_follow_optimizer_steps_and_clear_cache(pack_tiny):
     experts = Experts.from_ffn(_ffn(True, True), _partition([8] * 6))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 12, generator=g)  # each expert gets more than DECODE_MAX_TOKENS rows: packed weights used
@@ -64,7 +71,7 @@ def test_packed_experts_follow_optimizer_steps_and_clear_cache():
         torch.testing.assert_close(experts(x, w, idx), experts.forward_naive(x, w, idx), atol=1e-5, rtol=1e-5)
 
 
-def test_experts_copy_and_save_after_packed_inference(tmp_path):
+def test_experts_copy_and_save_after_packed_inference(tmp_path, pack_tiny):
     import copy
 
     experts = Experts.from_ffn(_ffn(True, False), _partition([8] * 6))
@@ -77,3 +84,31 @@ def test_experts_copy_and_save_after_packed_inference(tmp_path):
         torch.testing.assert_close(clone(x, w, idx), want)
         clone.w_in.mul_(2)  # its own storage and packs: the original is untouched
         torch.testing.assert_close(experts(x, w, idx), want)
+
+
+def test_small_experts_are_not_packed():
+    small = Experts.from_ffn(_ffn(True, False), _partition([8] * 6))  # 12 x 8: far below PACK_MIN_BYTES
+    assert not small.can_pack
+    x, idx, w = torch.randn(40, 12), torch.arange(80).remainder(6).view(40, 2), torch.ones(40, 2)
+    with torch.no_grad():
+        small(x, w, idx)
+    assert small._packed is None
+
+
+def test_packed_buffers_leave_untouched_memory_out():
+    import gc
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) / 1e3
+
+    w = torch.randn(80, 576)  # MKL reserves ~9 MB for this 0.18 MB weight
+    assert mkl.packed_bytes(80, 576) > 20 * w.numel() * 4
+    gc.collect()
+    before = rss_mb()
+    packs = [mkl.pack(w) for _ in range(100)]
+    grown = rss_mb() - before
+    assert grown < 0.3 * 100 * mkl.packed_bytes(80, 576) / 1e6, grown  # far below what was reserved
+    del packs
+    gc.collect()
+    assert rss_mb() - before < 0.5 * grown + 5  # and given back when freed

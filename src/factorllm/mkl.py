@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -63,9 +64,10 @@ def gemv_address() -> int | None:
 class PackedWeight:
     """A linear layer's weight [N, K] packed as the GEMM's B operand (B = weight^T, K x N)."""
 
-    buffer: torch.Tensor  # opaque MKL layout, owned here
+    buffer: torch.Tensor  # opaque MKL layout, a view of `mapping`
     n: int  # output features
     k: int  # input features
+    mapping: mmap.mmap | None = None  # the anonymous mapping holding it (unmapped when this is freed)
 
 
 def pack(weight: torch.Tensor) -> PackedWeight:
@@ -78,10 +80,19 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     get_size, pack_fn = mkl[:2]
     n, k = weight.shape
     size = get_size(_B_MATRIX, _ROWS_HINT, n, k)
-    buffer = torch.empty(size // 4 + 1, dtype=torch.float32)
+    # NOTE: MKL sizes every packed buffer for its largest blocking (at least 9.2 MB here, even for a 0.2 MB
+    # weight) and writes only part of it. A fresh anonymous mapping keeps the untouched part out of memory;
+    # heap memory would be recycled already dirty, and 30 layers of small experts then fill 24 GB (seen here).
+    mapping = mmap.mmap(-1, size + 4)
+    buffer = torch.frombuffer(mapping, dtype=torch.float32)
     pack_fn(_ROW_MAJOR, _B_MATRIX, _TRANS, _ROWS_HINT, n, k, 1.0, weight.data_ptr(), weight.stride(0),
             buffer.data_ptr())
-    return PackedWeight(buffer, n, k)
+    return PackedWeight(buffer, n, k, mapping)
+
+
+def packed_bytes(n: int, k: int) -> int:
+    """Bytes MKL reserves for a packed [N, K] weight (mostly never touched, see `pack`)."""
+    return _mkl()[0](_B_MATRIX, _ROWS_HINT, n, k)
 
 
 def linear(x: torch.Tensor, w: PackedWeight, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
