@@ -4,7 +4,7 @@
 - `prefill`: many tokens through the experts, grouped by expert, on MKL-packed weights, experts in parallel.
 
 Why C and not torch ops: see the comments in csrc/moe_kernels.c. The library is compiled on first use
-into $FACTORLLM_CACHE/native (default ~/.cache/factorllm/native), keyed on the source, the flags and the CPU,
+into factorllm's cache (`loading.cache_dir()`)/native, keyed on the source, the flags and the CPU,
 and loaded into the process after torch so it shares torch's OpenMP runtime. Without a compiler, or with
 FACTORLLM_NATIVE=0, `available()` is False and callers keep the torch path.
 """
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from factorllm import mkl
+from factorllm.loading import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_kernels.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -34,11 +35,6 @@ _ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2, "relu": 3}
 # Many-token kernel: experts whose projections hold fewer weights run one per thread, larger ones one at a
 # time on all threads (see csrc/moe_kernels.c; SmolLM2's 192x576 experts below, TinyLlama's 704x2048 above).
 PARALLEL_EXPERTS_BELOW = 1 << 20
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("FACTORLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "factorllm")
-    return Path(root) / "native"
 
 
 def _cpu_key() -> str:
@@ -52,7 +48,7 @@ def _cpu_key() -> str:
 def _build(cc: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *FLAGS, platform.machine(), _cpu_key()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"moe_kernels-{key}.so"
+    target = cache_dir() / "native" / f"moe_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
