@@ -7,6 +7,7 @@ import torch
 from test_experts import ROUTINGS, _ffn, _partition
 
 from factorllm import experts as experts_module
+from factorllm import native
 from factorllm.experts import EXPERT_PATHS, Experts
 
 
@@ -15,12 +16,14 @@ from factorllm.experts import EXPERT_PATHS, Experts
 @pytest.mark.parametrize("sizes", [[8] * 6, [2, 4, 6, 8, 4, 8, 10, 6]], ids=["equal", "unequal"])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("tokens", [1, 3, 10])
-@pytest.mark.parametrize("packing", ["packed", "unpacked"])
+@pytest.mark.parametrize("packing", ["packed", "packed-threaded", "unpacked"])
 def test_inference_path_equals_naive(path, gated, bias, sizes, routing, tokens, packing, monkeypatch):
     if path in ("padded", "grouped_mm") and len(set(sizes)) > 1:
         pytest.skip("padded and grouped_mm run equal experts only")
-    if packing == "packed":  # tiny experts are below the packing threshold: lower it so the packed and native
+    if packing != "unpacked":  # tiny experts are below the packing threshold: lower it so the packed and native
         monkeypatch.setattr(experts_module, "PACK_MIN_BYTES", 0)  # many-token paths run here too
+    if packing == "packed-threaded":  # the native schedule for large experts: one at a time, all threads
+        monkeypatch.setattr(native, "PARALLEL_EXPERTS_BELOW", 0)
     experts = Experts.from_ffn(_ffn(gated, bias), _partition(sizes))
     indices = ROUTINGS[routing](tokens, len(sizes))
     weights = torch.rand(indices.shape, generator=torch.Generator().manual_seed(4))

@@ -99,6 +99,53 @@ def test_kernel_follows_new_weights():
         assert block._kernel is not first
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_both_decode_schedules_equal_the_torch_path(threads, top_k):
+    """k a multiple of the threads: whole experts per thread; otherwise expert after expert, MKL-threaded."""
+    _, blocks = _blocks("llama", FactorConfig(8, top_k, gating="softmax_renorm"))
+    x = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            for block in blocks:
+                y = block(x)
+                assert block._kernel is not None
+                torch.testing.assert_close(y.view(1, 32), _torch_path(block, x.view(1, 32)), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("change", ["hook", "data", "grad", "strided", "float64"])
+def test_a_bound_kernel_steps_aside(change):
+    """What `forward` checks on every call once bound: changes after the first call reach the torch path."""
+    model, blocks = _blocks("llama", FactorConfig(4, 2))
+    block, x = blocks[0], torch.randn(1, 1, 32)
+    with torch.no_grad():
+        block(x)
+    first, seen = block._kernel, []
+    assert first is not None
+    if change == "hook":
+        block.router.register_forward_hook(lambda m, a, o: seen.append(o))
+    elif change == "data":
+        block.experts.w_in.data = block.experts.w_in.data * 2  # same Parameter, new storage
+    elif change == "strided":
+        x = torch.randn(1, 1, 64)[..., ::2]  # one token, not contiguous
+    elif change == "float64":
+        model.double()
+        x = x.double()
+    with torch.set_grad_enabled(change == "grad"):
+        y = block(x)
+    assert len(seen) == (change == "hook")  # routing traces see the token
+    with torch.no_grad():
+        torch.testing.assert_close(y.view(1, 32), _torch_path(block, x.reshape(1, 32)), atol=1e-5, rtol=1e-5)
+    if change == "grad":
+        assert y.requires_grad
+    elif change == "data":
+        assert block._kernel is not first  # rebound to the new storage
+
+
 def test_activation_codes_match_torch():
     from torch import nn
     from transformers.activations import ACT2FN

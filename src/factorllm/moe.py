@@ -89,10 +89,24 @@ class MoEFeedForward(nn.Module):
         return self.router(x, scores)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel
+        y = None if kernel is None else kernel.run(self._modules["router"], self._modules["experts"], hidden_states)
+        if y is None:  # not one token for a bound batch-1 kernel (which runs router, top-k and experts in one call)
+            y = self._routed(hidden_states)
+        # NOTE: module dicts, not attributes: nn.Module.__getattr__ costs microseconds per decoded token
+        shared, b_out = self._modules.get("shared"), self._parameters.get("b_out")  # None: plain attributes
+        if shared is not None:
+            y = y + shared.expert(0, hidden_states)
+        if b_out is not None:
+            y = y + b_out
+        return y
+
+    def _routed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum, [..., D] -> [..., D], on every path other than a bound batch-1 kernel."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, D]
         if x.shape[0] == 1 and not torch.is_grad_enabled() and (kernel := self.decode_kernel(x)) is not None:
-            y = kernel(x)  # one token: router, top-k and the chosen experts in one native call
+            y = kernel(x)  # [1, D]; bound now, `forward` takes it directly from the next call on
         elif self.router.gating == "oracle":
             # NOTE: the oracle needs every expert's output to choose; reuse it instead of running experts twice.
             outs = self.experts.all_outputs(x)  # [T, E, D]
@@ -102,10 +116,6 @@ class MoEFeedForward(nn.Module):
         else:
             _, weights, indices = self.router(x)
             y = self.experts(x, weights, indices)
-        if self.shared is not None:
-            y = y + self.shared.expert(0, x)
-        if self.b_out is not None:
-            y = y + self.b_out
         return y.view(shape)
 
     def decode_kernel(self, x: torch.Tensor) -> native.DecodeKernel | None:
@@ -116,14 +126,14 @@ class MoEFeedForward(nn.Module):
         must see every token). The torch path is also the kernel's test reference.
 
         NOTE: the answer (a kernel or None) is cached under everything it depends on: the router object, its k and
-        gating (`set_routing_` swaps or edits them) and where the weights live; only x is checked on every call.
-        Attributes are read from the module dicts: nn.Module.__getattr__ costs a microsecond per token and layer.
+        gating (`set_routing_` swaps or edits them) and where the weights live. `forward` checks a bound kernel
+        with `DecodeKernel.takes`, cheaper than this key.
         """
         if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
             return None
         router, experts = self._modules["router"], self._modules["experts"]
         net = router._modules["net"]
-        key = (router, router.top_k, router.gating, type(net), native.weight_key(net, experts)
+        key = (router, experts, router.top_k, router.gating, type(net), native.weight_key(net, experts)
                if type(net) is nn.Linear else None)
         if self._kernel_key != key:
             self._kernel, self._kernel_key = self._bind_kernel(router, experts), key
@@ -139,7 +149,7 @@ class MoEFeedForward(nn.Module):
                 or not native.available()):
             return None
         act = native.act_code(experts.act)
-        return None if act is None else native.DecodeKernel(net, router.gating, router.top_k, experts, act)
+        return None if act is None else native.DecodeKernel(router, experts, act)
 
     def to_dense_weights(self) -> FFNWeights:
         """The dense FFN this block was cut from, rebuilt from the experts (its neurons in original order)."""

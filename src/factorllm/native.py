@@ -29,7 +29,8 @@ from factorllm import mkl
 from factorllm.loading import cache_dir
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_kernels.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fno-math-errno -fno-trapping-math: no errno or FP traps in the kernels, so the activation loops vectorize
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
 GATINGS = {"sum": 0, "hard": 1, "softmax_renorm": 2, "softmax": 3}
 _ACT_CODES = {"silu": 0, "gelu_tanh": 1, "gelu_erf": 2, "relu": 3}
 # Many-token kernel: experts whose projections hold fewer weights run one per thread, larger ones one at a
@@ -118,35 +119,60 @@ class _DecodeArgs(ctypes.Structure):
 
 
 class DecodeKernel:
-    """The batch-1 kernel bound to one MoE block's weights: `__call__(x [1, D]) -> [1, D]`.
+    """The batch-1 kernel bound to one MoE block's router and experts: `__call__(x [..., D], one token) -> same shape`.
 
-    NOTE: it holds raw pointers, so the block rebinds it when a weight moves (`weight_key`). The fixed
-    arguments live in one C struct, so a call converts three arguments instead of eighteen (ctypes' per-argument
-    cost is a visible share of a 60 us call).
+    NOTE: it holds raw pointers, so `takes` checks on every call that it is still bound to what it was built
+    from (the router object, its k and gating, no hooks, the same weights at the same addresses); the block
+    rebinds when not. The fixed arguments live in one C struct, so a call converts three arguments instead of
+    eighteen. At batch 1 a SmolLM2 block's kernel takes ~60 us and each Python-level op ~1-5 us (caches cold
+    from the layers between two calls), so the checks read module dicts, never nn.Module.__getattr__.
     """
 
-    def __init__(self, router: nn.Linear, gating: str, top_k: int, experts, act: int) -> None:
+    def __init__(self, router: nn.Module, experts, act: int) -> None:
+        net = router._modules["net"]
         E, mI, D = experts.w_in.shape
-        self.tensors = (router.weight, router.bias, experts.w_in, experts.b_in, experts.w_out)  # keeps them alive
-        self.chosen = (ctypes.c_int * top_k)()  # the kernel writes the routing here (kept for inspection)
-        self.weights = (ctypes.c_float * top_k)()
-        self.scratch = experts.w_in.new_empty(top_k * mI)  # NOTE: one per block: calls on a block are serial
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.router, self.net, self.experts = router, net, experts
+        self.top_k, self.gating, self.D = router.top_k, router.gating, D
+        self.tensors = (net.weight, net.bias, experts.w_in, experts.b_in, experts.w_out)  # keeps them alive
+        self.ptrs = weight_key(net, experts)
+        self.chosen = (ctypes.c_int * self.top_k)()  # the kernel writes the routing here (kept for inspection)
+        self.weights = (ctypes.c_float * self.top_k)()
+        self.scratch = experts.w_in.new_empty(self.top_k * (mI + D))  # one per block: calls on it are serial
         # NOTE: MKL's GEMV streams cold weights faster than the kernel's own loops (measured in SmolLM2 decode:
         # 1.37x against 1.34x dense; 2048x5632 layer: 0.28 against 0.30 of dense); the loops stay for builds
         # without MKL.
         self.args = _DecodeArgs(
-            ptr(router.weight), ptr(router.bias), ptr(experts.w_in), ptr(experts.b_in), ptr(experts.w_out),
-            self.scratch.data_ptr(), ctypes.addressof(self.chosen), ctypes.addressof(self.weights),
-            mkl.gemv_address(), D, E, top_k, experts.width, int(experts.gated), act, GATINGS[gating])
+            *self.ptrs, self.scratch.data_ptr(), ctypes.addressof(self.chosen), ctypes.addressof(self.weights),
+            mkl.gemv_address(), D, E, self.top_k, experts.width, int(experts.gated), act, GATINGS[self.gating])
         self.args_ref = ctypes.byref(self.args)
+        self._fn = _lib().factorllm_moe_decode
+
+    def run(self, router: nn.Module, experts, x: torch.Tensor) -> torch.Tensor | None:
+        """x's output, or None where this kernel may not run it: x must be one float32 CPU token under no_grad,
+        and the kernel still bound to these modules, their k, gating and weights, with no hooks on the router.
+
+        NOTE: one method that checks and runs, its checks unrolled: each Python-level step costs 1-5 us with
+        the caches cold from the layers between two calls, and the kernel itself ~60 us at SmolLM2's size.
+        """
+        net = self.net
+        if (torch.is_grad_enabled() or router is not self.router or experts is not self.experts
+                or x.numel() != self.D or x.size(-1) != self.D or x.dtype is not torch.float32 or not x.is_cpu
+                or not x.is_contiguous() or router.top_k != self.top_k or router.gating != self.gating
+                or router._modules["net"] is not net or router._forward_hooks or router._forward_pre_hooks
+                or net._forward_hooks or net._forward_pre_hooks):
+            return None
+        r, e = net._parameters, experts._parameters
+        bias, b_in = r.get("bias"), e.get("b_in")
+        if self.ptrs != (r["weight"].data_ptr(), None if bias is None else bias.data_ptr(), e["w_in"].data_ptr(),
+                         None if b_in is None else b_in.data_ptr(), e["w_out"].data_ptr()):
+            return None  # a weight moved (`.to`, `.data =`, a new Parameter): the block rebinds
+        return self(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
-        if _lib().factorllm_moe_decode(self.args_ref, x.data_ptr(), out.data_ptr()) != 0:
+        if self._fn(self.args_ref, x.data_ptr(), out.data_ptr()) != 0:
             raise RuntimeError(f"the batch-1 MoE kernel refused its arguments (E={self.args.E}, k={self.args.k})")
         return out
-
 
 def weight_key(router: nn.Linear, experts) -> tuple:
     """Where the kernel's weights live; a change means the kernel must be rebound.
@@ -155,8 +181,9 @@ def weight_key(router: nn.Linear, experts) -> tuple:
     decoded token of every layer.
     """
     r, e = router._parameters, experts._parameters
-    return tuple(None if t is None else t.data_ptr()
-                 for t in (r["weight"], r.get("bias"), e["w_in"], e.get("b_in"), e["w_out"]))
+    bias, b_in = r.get("bias"), e.get("b_in")  # NOTE: unrolled: a generator costs more than the five lookups
+    return (r["weight"].data_ptr(), None if bias is None else bias.data_ptr(), e["w_in"].data_ptr(),
+            None if b_in is None else b_in.data_ptr(), e["w_out"].data_ptr())
 
 
 def prefill_available(experts) -> bool:
