@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--router-hidden", type=int, default=128, help="mlp router: hidden width")
     ap.add_argument("--shared-neurons", type=int, default=0,
                     help="an always-on shared expert of this many neurons; k is lowered to keep the FFN compute")
+    ap.add_argument("--router-loss", choices=["pa", "bce"], default="pa",
+                    help="layer-wise router loss against the pseudo-labels: PA (KL, the paper's) or per-expert BCE")
     ap.add_argument("--train-tokens", type=int, default=16384)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
@@ -71,12 +73,13 @@ def main() -> int:
                            router_hidden=args.router_hidden, shared_neurons=args.shared_neurons)
         compute = (args.shared_neurons + k * per_expert) / width
         model = convert_(copy.deepcopy(dense), cfg, calib=calib, progress=False)
+        router_terms = {"pa": {"pa_weight": 1.0}, "bce": {"pa_weight": 0.0, "bce_weight": 1.0}}[args.router_loss]
         for stage, tcfg in (
-            ("router", TrainConfig(mode="layerwise", pseudo_label="norm", pa_weight=1.0, lr=args.router_lr,
-                                   layerwise_tokens=args.train_tokens, save_every=0)),
+            ("router", TrainConfig(mode="layerwise", pseudo_label="norm", lr=args.router_lr,
+                                   layerwise_tokens=args.train_tokens, save_every=0, **router_terms)),
             ("router+experts", TrainConfig(mode="layerwise", train_experts=True, pseudo_label="norm",
-                                           pa_weight=1.0, recon_weight=1.0, lr=args.expert_lr,
-                                           layerwise_tokens=args.train_tokens, save_every=0)),
+                                           recon_weight=1.0, lr=args.expert_lr, layerwise_tokens=args.train_tokens,
+                                           save_every=0, **router_terms)),
             ("router+experts, end2end", TrainConfig(mode="end2end", train_experts=True, pseudo_label="norm",
                                                     pa_weight=0.1, distill_weight=1.0, straight_through=True,
                                                     lr=args.e2e_lr, batch_size=2, max_steps=10**6, save_every=0)),
@@ -93,7 +96,8 @@ def main() -> int:
                 train(model, dense, TrainData(train_w), tcfg)
             minutes = (time.time() - t0) / 60
             row = {"experts": args.experts, "top_k": k, "partition": args.partition, "gating": args.gating,
-                   "router": args.router, "shared_neurons": args.shared_neurons, "ffn_compute": compute,
+                   "router": args.router, "router_loss": args.router_loss, "shared_neurons": args.shared_neurons,
+                   "ffn_compute": compute,
                    "stage": stage, "steps": steps, "train_minutes": minutes,
                    "ppl": {d: {"dense": dense_ppl[d]} for d in evals}}
             for name, variant in (("trained", model), ("oracle", oracle_of(model)), ("random", random_of(model))):

@@ -127,7 +127,7 @@ class MoEFeedForward(nn.Module):
 
         NOTE: the answer (a kernel or None) is cached under everything it depends on: the router object, its k and
         gating (`set_routing_` swaps or edits them) and where the weights live. `forward` checks a bound kernel
-        with `DecodeKernel.takes`, cheaper than this key.
+        with `DecodeKernel.run`, cheaper than this key.
         """
         if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
             return None

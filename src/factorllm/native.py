@@ -121,7 +121,7 @@ class _DecodeArgs(ctypes.Structure):
 class DecodeKernel:
     """The batch-1 kernel bound to one MoE block's router and experts: `__call__(x [..., D], one token) -> same shape`.
 
-    NOTE: it holds raw pointers, so `takes` checks on every call that it is still bound to what it was built
+    NOTE: it holds raw pointers, so `run` checks on every call that it is still bound to what it was built
     from (the router object, its k and gating, no hooks, the same weights at the same addresses); the block
     rebinds when not. The fixed arguments live in one C struct, so a call converts three arguments instead of
     eighteen. At batch 1 a SmolLM2 block's kernel takes ~60 us and each Python-level op ~1-5 us (caches cold
@@ -151,7 +151,7 @@ class DecodeKernel:
         """x's output, or None where this kernel may not run it: x must be one float32 CPU token under no_grad,
         and the kernel still bound to these modules, their k, gating and weights, with no hooks on the router.
 
-        NOTE: one method that checks and runs, its checks unrolled: each Python-level step costs 1-5 us with
+        NOTE: one method that checks and runs, cheapest checks first: each Python-level step costs 1-5 us with
         the caches cold from the layers between two calls, and the kernel itself ~60 us at SmolLM2's size.
         """
         net = self.net
@@ -161,10 +161,7 @@ class DecodeKernel:
                 or router._modules["net"] is not net or router._forward_hooks or router._forward_pre_hooks
                 or net._forward_hooks or net._forward_pre_hooks):
             return None
-        r, e = net._parameters, experts._parameters
-        bias, b_in = r.get("bias"), e.get("b_in")
-        if self.ptrs != (r["weight"].data_ptr(), None if bias is None else bias.data_ptr(), e["w_in"].data_ptr(),
-                         None if b_in is None else b_in.data_ptr(), e["w_out"].data_ptr()):
+        if weight_key(net, experts) != self.ptrs:
             return None  # a weight moved (`.to`, `.data =`, a new Parameter): the block rebinds
         return self(x)
 
@@ -173,6 +170,7 @@ class DecodeKernel:
         if self._fn(self.args_ref, x.data_ptr(), out.data_ptr()) != 0:
             raise RuntimeError(f"the batch-1 MoE kernel refused its arguments (E={self.args.E}, k={self.args.k})")
         return out
+
 
 def weight_key(router: nn.Linear, experts) -> tuple:
     """Where the kernel's weights live; a change means the kernel must be rebound.
