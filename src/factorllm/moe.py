@@ -96,7 +96,8 @@ class MoEFeedForward(nn.Module):
         # NOTE: module dicts, not attributes: nn.Module.__getattr__ costs microseconds per decoded token
         shared, b_out = self._modules.get("shared"), self._parameters.get("b_out")  # None: plain attributes
         if shared is not None:
-            y = y + shared.expert(0, hidden_states)
+            x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, D]: Experts.expert takes rows of tokens
+            y = y + shared.expert(0, x).view_as(y)
         if b_out is not None:
             y = y + b_out
         return y
