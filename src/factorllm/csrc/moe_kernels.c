@@ -97,6 +97,13 @@ static void act_rows(float *restrict h, int I, int gated, float scale, int act) 
     }
 }
 
+/* One expert's hidden row: h += b (the expert's input bias, or NULL), then act_rows. */
+static void bias_act(float *restrict h, const float *b, int I, int gated, float scale, int act) {
+    if (b)
+        for (int i = 0; i < (gated ? 2 : 1) * I; i++) h[i] += b[i];
+    act_rows(h, I, gated, scale, act);
+}
+
 /* Top-k of logits[E] (largest first; ties to the lower index, as torch.topk on CPU) and their weights. */
 static void route(const float *logits, int E, int k, int gating, int *chosen, float *weights) {
     unsigned char taken[MAX_EXPERTS] = {0};
@@ -163,9 +170,7 @@ int factorllm_moe_decode(const DecodeArgs *args, const float *x, float *out) {
             size_t e = (size_t)chosen[j];
             float *h = scratch + (size_t)j * mI;
             gemv("T", &D, &mI, &f1, w_in + e * mI * D, &D, x, &one, &f0, h, &one);
-            if (b_in)
-                for (int i = 0; i < mI; i++) h[i] += b_in[e * mI + i];
-            act_rows(h, I, gated, weights[j], act);
+            bias_act(h, b_in ? b_in + e * mI : NULL, I, gated, weights[j], act);
             gemv("T", &I, &D, &f1, w_out + e * D * I, &I, h, &one, &f0, part + (size_t)j * D, &one);
         }
         for (int d = 0; d < D; d++) {
@@ -182,10 +187,7 @@ int factorllm_moe_decode(const DecodeArgs *args, const float *x, float *out) {
         for (int j = 0; j < k; j++) {
             size_t e = (size_t)chosen[j];
             gemv("T", &D, &mI, &f1, w_in + e * mI * D, &D, x, &one, &f0, scratch + (size_t)j * mI, &one);
-            float *h = scratch + (size_t)j * mI;
-            if (b_in)
-                for (int i = 0; i < mI; i++) h[i] += b_in[e * mI + i];
-            act_rows(h, I, gated, weights[j], act);
+            bias_act(scratch + (size_t)j * mI, b_in ? b_in + e * mI : NULL, I, gated, weights[j], act);
         }
         for (int j = 0; j < k; j++) {
             size_t e = (size_t)chosen[j];
@@ -266,10 +268,7 @@ static void expert_rows(int e, const long long *start, const float *xs, float *h
          he, mI);
 #pragma omp parallel for schedule(static) if (threaded)
     for (int r = 0; r < n; r++) { /* activation, times the routing weight, into the first I columns */
-        float *row = he + (size_t)r * mI, ws = w_sorted[start[e] + r];
-        if (b_in)
-            for (int i = 0; i < mI; i++) row[i] += b_in[(size_t)e * mI + i];
-        act_rows(row, I, gated, ws, act);
+        bias_act(he + (size_t)r * mI, b_in ? b_in + (size_t)e * mI : NULL, I, gated, w_sorted[start[e] + r], act);
     }
     gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_PACKED, n, D, I, he, mI, packed_out[e], I, 0.0f,
          y + (size_t)start[e] * D, D);
