@@ -159,7 +159,7 @@ class DecodeKernel:
                 or x.numel() != self.D or x.size(-1) != self.D or x.dtype is not torch.float32 or not x.is_cpu
                 or not x.is_contiguous() or router.top_k != self.top_k or router.gating != self.gating
                 or router._modules["net"] is not net or router._forward_hooks or router._forward_pre_hooks
-                or net._forward_hooks or net._forward_pre_hooks):
+                or net._forward_hooks or net._forward_pre_hooks):  # the hooks: moe._hooked's test, inlined
             return None
         if weight_key(net, experts) != self.ptrs:
             return None  # a weight moved (`.to`, `.data =`, a new Parameter): the block rebinds
