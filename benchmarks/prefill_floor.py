@@ -61,7 +61,12 @@ def main() -> int:
     print("| hidden | ffn | threads | block / dense | experts' GEMMs alone / dense |")
     print("|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
-        hidden, width = map(int, shape.split("x"))
+        try:
+            hidden, width = map(int, shape.split("x"))
+        except ValueError:
+            raise SystemExit(f"--shapes: {shape!r} is not HIDDENxFFN (e.g. 576x1536), comma-separated") from None
+        if width % 8:
+            raise SystemExit(f"--shapes: ffn {width} must split into 8 equal experts (a multiple of 8)")
         for threads in sorted({1, torch.get_num_threads()}):
             block, gemms = measure(hidden, width, args.tokens, args.repeats, threads)
             print(f"| {hidden} | {width} | {threads} | {block:.3f} | {gemms:.3f} |")
