@@ -182,3 +182,59 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
         assert native._lib.__wrapped__() is None
     monkeypatch.setenv("FACTORLLM_NATIVE", "0")
     assert native._lib.__wrapped__() is None
+
+
+def _prefill_case(tokens: int, seed: int):
+    from test_experts import _ffn, _partition
+
+    from factorllm.experts import Experts
+
+    experts = Experts.from_ffn(_ffn(True, True), _partition([8] * 6))
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(tokens)])  # [T, 2]
+    return experts, torch.randn(tokens, 12, generator=g), torch.rand(tokens, 2, generator=g), indices
+
+
+@pytest.mark.skipif(not native.mkl.available(), reason="the many-token kernel needs MKL's packed GEMM")
+def test_prefill_scratch_is_reused_across_sizes_and_dropped_above_the_cap(monkeypatch):
+    from factorllm import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(native, "_thread_scratch", native.threading.local())  # this test's own scratch
+    with torch.no_grad():
+        for tokens, seed in [(40, 0), (7, 1), (40, 2), (90, 3)]:  # grow, a smaller call on stale rows, grow again
+            experts, x, w, idx = _prefill_case(tokens, seed)
+            torch.testing.assert_close(native.prefill(experts, x, w, idx), experts.forward_naive(x, w, idx),
+                                       atol=1e-5, rtol=1e-5)
+            if tokens == 40:
+                kept = native._thread_scratch.value.floats
+        after = native._thread_scratch.value.floats
+        assert after.numel() >= 90 * 2 * (12 + 16 + 1) and after.data_ptr() != kept.data_ptr()  # grew for 90
+        experts, x, w, idx = _prefill_case(40, 4)
+        native.prefill(experts, x, w, idx)
+        assert native._thread_scratch.value.floats.data_ptr() == after.data_ptr()  # reused, not reallocated
+        monkeypatch.setattr(native, "SCRATCH_KEEP_BYTES", 1024)
+        native.prefill(experts, x, w, idx)
+        assert native._thread_scratch.value.floats.numel() == 0  # over the cap: given back after the call
+
+
+@pytest.mark.skipif(not native.mkl.available(), reason="the many-token kernel needs MKL's packed GEMM")
+def test_prefill_from_two_threads_at_once(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from factorllm import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "PACK_MIN_BYTES", 0)
+    cases = [_prefill_case(64, seed) for seed in range(8)]
+    with torch.no_grad():
+        want = [e.forward_naive(x, w, i) for e, x, w, i in cases]
+
+        def run(case):
+            with torch.no_grad():
+                return [native.prefill(*case) for _ in range(20)]
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(run, cases))
+    for outs, ref in zip(got, want, strict=True):
+        for y in outs:
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)

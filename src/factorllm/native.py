@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def _lib():
     lib.factorllm_act.restype, lib.factorllm_act.argtypes = ctypes.c_float, [ctypes.c_float, i]
     fn = lib.factorllm_moe_prefill
     fn.restype = i
-    fn.argtypes = [p, i, i, p, p, i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, p, i]
+    fn.argtypes = [p, i, i, p, p, i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, i]
     return lib
 
 
@@ -184,6 +185,46 @@ def weight_key(router: nn.Linear, experts) -> tuple:
             None if b_in is None else b_in.data_ptr(), e["w_out"].data_ptr())
 
 
+class _Scratch:
+    """The many-token kernel's scratch buffers, kept between calls while they stay under SCRATCH_KEEP_BYTES.
+
+    NOTE: fresh buffers cost a page fault per 4 KiB on every call (the allocator returns large blocks to the
+    system): ~4 MB per SmolLM2 layer at 512 tokens, 0.03-0.04 of the dense FFN's time (measured here, one
+    process, interleaved). One set per thread, as calls on one thread are serial and layers run one after
+    another, so a whole model shares one set.
+    """
+
+    def __init__(self) -> None:
+        self.floats, self.ints = torch.empty(0), torch.empty(0, dtype=torch.int64)
+
+    def grow(self, floats: int, ints: int) -> _Scratch:
+        if self.floats.numel() < floats:
+            self.floats = torch.empty(floats)
+        if self.ints.numel() < ints:
+            self.ints = torch.empty(ints, dtype=torch.int64)
+        return self
+
+    def release(self) -> None:
+        if self.floats.numel() * 4 + self.ints.numel() * 8 > SCRATCH_KEEP_BYTES:
+            self.__init__()
+
+
+SCRATCH_KEEP_BYTES = 64 << 20  # TinyLlama's 2048x5632 block at 1024 tokens, top-2 of 8: 28 MB
+_thread_scratch = threading.local()
+
+
+def _aligned(floats: int) -> int:
+    return -(-floats // 16) * 16
+
+
+def _scratch(floats: int, ints: int) -> _Scratch:
+    """This thread's scratch, at least `floats` float32 and `ints` int64 entries."""
+    scratch = getattr(_thread_scratch, "value", None)
+    if scratch is None:
+        scratch = _thread_scratch.value = _Scratch()
+    return scratch.grow(floats, ints)
+
+
 def prefill_available(experts) -> bool:
     """Whether `prefill` runs these experts: the kernels built and the experts packable (see Experts.can_pack)."""
     return available() and experts.can_pack
@@ -207,15 +248,17 @@ def prefill(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     idx = indices.to(torch.int64).contiguous()
     w = weights.to(torch.float32).contiguous()
     out = x.new_empty(T, D)
-    xs, h, y = x.new_empty(S, D), x.new_empty(S, mI), x.new_empty(S, D)
-    w_sorted = x.new_empty(S)
-    slot, start = torch.empty(S, dtype=torch.int64), torch.empty(E + 1, dtype=torch.int64)
+    at_h, at_w = _aligned(S * D), _aligned(S * D) + _aligned(S * mI)  # each buffer on a cache line (64 B)
+    scratch = _scratch(at_w + S, S + E + 1)
+    xs, h, w_sorted = scratch.floats[:at_h], scratch.floats[at_h:at_w], scratch.floats[at_w:]  # [S*D], [S*mI], [S]
+    slot, start = scratch.ints[:S], scratch.ints[S:]  # [S], [E + 1]
     act = act_code(experts.act)
     rc = _lib().factorllm_moe_prefill(
         x.data_ptr(), T, D, idx.data_ptr(), w.data_ptr(), k, E, experts.width, int(experts.gated), act, p_in, p_out,
         None if experts.b_in is None else experts.b_in.data_ptr(), mkl.compute_address(), out.data_ptr(),
-        xs.data_ptr(), h.data_ptr(), y.data_ptr(), w_sorted.data_ptr(), slot.data_ptr(), start.data_ptr(),
+        xs.data_ptr(), h.data_ptr(), w_sorted.data_ptr(), slot.data_ptr(), start.data_ptr(),
         int(experts.width * D < PARALLEL_EXPERTS_BELOW))
+    scratch.release()
     if rc != 0:
         raise ValueError(f"expert indices must lie in [0, {E})")
     return out

@@ -246,7 +246,8 @@ int factorllm_moe_decode(const DecodeArgs *args, const float *x, float *out) {
  * Many tokens (prefill): the sorted path of factorllm.experts in one call.
  *
  * Slots (token, j) are grouped by expert; each expert gathers its tokens, runs its two GEMMs on weights
- * pre-packed by MKL (factorllm.mkl), applies the activation and routing weight in place, and each
+ * pre-packed by MKL (factorllm.mkl), applies the activation and routing weight in place, writes its output rows
+ * over its own gathered input rows (dead after the first GEMM: one [T*k, D] buffer less to touch), and each
  * token sums its k rows back. Small experts run in parallel, one per OpenMP thread, each GEMM single-threaded
  * (MKL runs sequentially inside a parallel region): their GEMMs split over threads lose more to synchronisation
  * than they gain (measured here, 576x1536: 0.35-0.40 of dense against 0.43). Large experts run one after
@@ -257,8 +258,8 @@ typedef void (*sgemm_compute_fn)(int layout, int transa, int transb, int m, int 
                                  const float *b, int ldb, float beta, float *c, int ldc);
 enum { CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_PACKED = 151 };
 
-/* Expert e on its sorted rows: y = w * expert(xs); `threaded`: the activation loop runs on all threads. */
-static void expert_rows(int e, const long long *start, const float *xs, float *h, float *y, const float *w_sorted,
+/* Expert e on its sorted rows: xs = w * expert(xs), in place; `threaded`: the activation loop runs on all threads. */
+static void expert_rows(int e, const long long *start, float *xs, float *h, const float *w_sorted,
                         int D, int I, int gated, int act, const float *const *packed_in, const float *const *packed_out,
                         const float *b_in, sgemm_compute_fn gemm, int threaded) {
     const int mI = (gated ? 2 : 1) * I, n = (int)(start[e + 1] - start[e]);
@@ -271,18 +272,17 @@ static void expert_rows(int e, const long long *start, const float *xs, float *h
         bias_act(he + (size_t)r * mI, b_in ? b_in + (size_t)e * mI : NULL, I, gated, w_sorted[start[e] + r], act);
     }
     gemm(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_PACKED, n, D, I, he, mI, packed_out[e], I, 0.0f,
-         y + (size_t)start[e] * D, D);
+         xs + (size_t)start[e] * D, D);
 }
 
 /* Returns 0, or -1 for an expert index out of range.
  * x [T, D]; indices [T, k] (int64); weights [T, k]; packed_in[e] packs w_in[e] [m*I, D], packed_out[e] packs
- * w_out[e] [D, I]; b_in [E, m*I] or NULL. Scratch (caller-owned): xs [T*k, D], h [T*k, m*I], y [T*k, D],
+ * w_out[e] [D, I]; b_in [E, m*I] or NULL. Scratch (caller-owned, reused across calls): xs [T*k, D], h [T*k, m*I],
  * w_sorted [T*k], slot [T*k] and start [E + 1] (int64). out [T, D] is overwritten.
  * parallel_experts: experts run one per thread (small experts) or one at a time on all threads (large ones). */
 int factorllm_moe_prefill(const float *x, int T, int D, const long long *indices, const float *weights, int k, int E,
                           int I, int gated, int act, const float *const *packed_in, const float *const *packed_out,
-                          const float *b_in, void *compute, float *out, float *xs, float *h, float *y,
-                          float *w_sorted, long long *slot, long long *start, int parallel_experts) {
+                          const float *b_in, void *compute, float *out, float *xs, float *h, float *w_sorted, long long *slot, long long *start, int parallel_experts) {
     sgemm_compute_fn gemm = (sgemm_compute_fn)compute;
     const int m = gated ? 2 : 1, mI = m * I, S = T * k;
     /* counting sort of the slots by expert: start[e] .. start[e+1] are expert e's rows */
@@ -308,20 +308,20 @@ int factorllm_moe_prefill(const float *x, int T, int D, const long long *indices
 
     if (parallel_experts) {
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int e = 0; e < E; e++) expert_rows(e, start, xs, h, y, w_sorted, D, I, gated, act, packed_in, packed_out,
-                                                b_in, gemm, 0);
+        for (int e = 0; e < E; e++) expert_rows(e, start, xs, h, w_sorted, D, I, gated, act, packed_in, packed_out, b_in,
+                                                gemm, 0);
     } else { /* large experts: one at a time, each GEMM threaded by MKL */
-        for (int e = 0; e < E; e++) expert_rows(e, start, xs, h, y, w_sorted, D, I, gated, act, packed_in, packed_out,
-                                                b_in, gemm, 1);
+        for (int e = 0; e < E; e++) expert_rows(e, start, xs, h, w_sorted, D, I, gated, act, packed_in, packed_out, b_in,
+                                                gemm, 1);
     }
     /* each token sums its k rows: no two threads write one token */
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         float *dst = out + (size_t)t * D;
-        const float *first = y + (size_t)slot[(size_t)t * k] * D;
+        const float *first = xs + (size_t)slot[(size_t)t * k] * D; /* expert outputs, see expert_rows */
         for (int i = 0; i < D; i++) dst[i] = first[i];
         for (int j = 1; j < k; j++) {
-            const float *src = y + (size_t)slot[(size_t)t * k + j] * D;
+            const float *src = xs + (size_t)slot[(size_t)t * k + j] * D;
             for (int i = 0; i < D; i++) dst[i] += src[i];
         }
     }
