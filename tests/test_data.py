@@ -1,0 +1,21 @@
+"""The embedded corpora: what each holds, and that the held-out domain stays out of the training ones."""
+
+from __future__ import annotations
+
+from factorllm.data import CORPORA, load_text, pydoc_text, python_source_text
+
+
+def test_python_source_is_code_capped_and_never_the_heldout_docs():
+    text = python_source_text(max_chars=200_000)
+    assert len(text) == 200_000
+    assert "def " in text and "import " in text
+    topics = pydoc_text()
+    # long passages of the held-out docs must not appear (pydoc_data/topics.py is in the stdlib: it is skipped)
+    probes = [topics[i : i + 80] for i in range(0, len(topics) - 80, len(topics) // 50)]
+    full = python_source_text()
+    assert not any(p in full for p in probes)
+
+
+def test_corpus_names_load_through_load_text():
+    assert "python-source" in CORPORA
+    assert load_text("python-source")[:1000] == python_source_text()[:1000]
