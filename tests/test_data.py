@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factorllm.data import CORPORA, load_text, pydoc_text, python_source_text
+from factorllm.data import CORPORA, interleave, load_text, pydoc_text, python_source_text
 
 
 def test_python_source_is_code_capped_and_never_the_heldout_docs():
@@ -19,3 +19,17 @@ def test_python_source_is_code_capped_and_never_the_heldout_docs():
 def test_corpus_names_load_through_load_text():
     assert "python-source" in CORPORA
     assert load_text("python-source")[:1000] == python_source_text()[:1000]
+
+
+def test_corpus_names_join_with_plus_and_every_prefix_mixes_them():
+    kjv, src = load_text("kjv-heldout"), python_source_text()
+    both = load_text("kjv-heldout+python-source")
+    assert len(kjv) + len(src) <= len(both) <= len(kjv) + len(src) + 2  # + a line end after each
+    head = both[:20_000]
+    assert kjv[:4000] in head and src[:4000] in head  # both corpora early on, not one after the other
+    assert sorted(both.splitlines()) == sorted((kjv + "\n" + src).splitlines())  # every line kept, once
+
+
+def test_interleave_takes_blocks_in_turn():
+    a, b = "a1\na2\na3\n", "b1\n"
+    assert interleave([a, b], block_chars=1) == "a1\nb1\na2\na3\n"

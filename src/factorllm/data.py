@@ -5,6 +5,7 @@ helpers to tokenise and cut them into windows."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -110,10 +111,13 @@ def windows(ids: torch.Tensor, length: int, count: int | None = None, seed: int 
 
 
 def load_text(source: str, text_column: str = "text") -> str:
-    """Text from an embedded corpus name, a UTF-8 file, a folder of .txt files, or a Hugging Face dataset
-    (a folder saved with `save_to_disk`, or a hub id; needs `pip install datasets`)."""
+    """Text from an embedded corpus name (or several joined by '+', e.g. `kjv+python-source`), a UTF-8 file, a
+    folder of .txt files, or a Hugging Face dataset (a folder saved with `save_to_disk`, or a hub id; needs
+    `pip install datasets`)."""
     if source in CORPORA:
         return CORPORA[source]()
+    if "+" in source and all(name in CORPORA for name in source.split("+")):
+        return interleave([CORPORA[name]() for name in source.split("+")])
     path = Path(source).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
@@ -135,6 +139,23 @@ def load_text(source: str, text_column: str = "text") -> str:
     if text_column not in ds.column_names:
         raise ValueError(f"dataset {source!r} has no column {text_column!r} (columns: {ds.column_names})")
     return "\n\n".join(ds[text_column])
+
+
+def interleave(texts: list[str], block_chars: int = 4096) -> str:
+    """The texts cut into blocks of about `block_chars` (at line ends) and taken in turn, so that every prefix
+    (`tokenize(..., max_tokens=N)` reads one) mixes them; a text that runs out drops from the rotation. Each
+    text's last line gets a line end, so no two texts' lines merge."""
+    def blocks(text: str) -> list[str]:
+        out, start = [], 0
+        while start < len(text):
+            end = text.find("\n", start + block_chars)
+            end = len(text) if end < 0 else end + 1
+            out.append(text[start:end] if end < len(text) or text.endswith("\n") else text[start:] + "\n")
+            start = end
+        return out
+
+    cut = [blocks(t) for t in texts]
+    return "".join(b for turn in itertools.zip_longest(*cut, fillvalue="") for b in turn)
 
 
 def split_windows(wins: torch.Tensor, heldout: float | int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

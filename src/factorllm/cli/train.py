@@ -9,7 +9,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train routers and/or experts of a factorized model")
     p.add_argument("--model", required=True, help="a folder written by `factorllm convert`")
     p.add_argument("--teacher", help="the dense model (default: the one the folder was converted from)")
-    p.add_argument("--data", default="kjv", help="corpus name (kjv, pydoc), text file, folder of .txt, or HF dataset")
+    p.add_argument("--data", default="kjv", help="corpus name (kjv, python-source, pydoc; several joined by '+', "
+                   "interleaved), text file, folder of .txt, or HF dataset")
     p.add_argument("--text-column", default="text")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--tokens", type=int, default=65536, help="training tokens to read (default 65536)")
