@@ -238,3 +238,59 @@ def test_prefill_from_two_threads_at_once(monkeypatch):
     for outs, ref in zip(got, want, strict=True):
         for y in outs:
             torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not native.mkl.available(), reason="the many-token kernel needs MKL's packed GEMM")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("gating", sorted(native.GATINGS))
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("router", ["linear", "linear_nobias"])
+def test_routed_prefill_kernel_equals_torch_path(family, gating, top_k, router, monkeypatch):
+    from factorllm import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "PACK_MIN_BYTES", 0)  # tiny experts: let the many-token kernel run
+    calls = []
+    real = native.prefill_routed
+    monkeypatch.setattr(native, "prefill_routed", lambda *a: calls.append(1) or real(*a))
+    _, blocks = _blocks(family, FactorConfig(4, top_k, gating=gating, router=router))
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0))  # [B, S, D]: 18 tokens
+    with torch.no_grad():
+        for block in blocks:
+            if block.router.net.bias is not None:
+                block.router.net.bias.normal_(0, 0.5)  # a trained router's bias: the kernel must add it
+            calls.clear()
+            y = block(x)
+            assert calls, "the block should have taken the routed many-token kernel"
+            torch.testing.assert_close(y, _torch_path(block, x.view(-1, 32)).view_as(y), atol=1e-5, rtol=1e-5)
+            out, weights, indices = native.prefill_routed(block.router, block.experts, x.view(-1, 32))
+            torch.testing.assert_close(out.view_as(y), y)
+            _, want_w, want_i = block.route(x.view(-1, 32))
+            assert torch.equal(indices, want_i)
+            torch.testing.assert_close(weights, want_w.to(weights.dtype))
+
+
+@pytest.mark.skipif(not native.mkl.available(), reason="the many-token kernel needs MKL's packed GEMM")
+@pytest.mark.parametrize("case", ["router hook", "experts hook", "grad", "forced path", "mlp router", "float64"])
+def test_routed_prefill_kernel_steps_aside(case, monkeypatch):
+    from factorllm import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "PACK_MIN_BYTES", 0)
+    monkeypatch.setattr(native, "prefill_routed", lambda *a: pytest.fail(f"{case}: the kernel must not run"))
+    _, blocks = _blocks("llama", FactorConfig(4, 2, router="mlp" if case == "mlp router" else "linear"))
+    block = blocks[0]
+    x = torch.randn(1, 12, 32)
+    seen = []
+    if case == "router hook":
+        block.router.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    if case == "experts hook":
+        block.experts.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    if case == "forced path":
+        block.experts.path = "naive"
+    if case == "float64":
+        block.double()
+        x = x.double()
+    with torch.set_grad_enabled(case == "grad"):
+        y = block(x)
+    assert y.shape == x.shape
+    if "hook" in case:
+        assert seen == [12]  # the hook saw every token

@@ -11,7 +11,7 @@ from torch import nn
 from factorllm import native
 from factorllm.adapters import FFNWeights, adapter_for
 from factorllm.config import FactorConfig
-from factorllm.experts import Experts
+from factorllm.experts import DECODE_MAX_TOKENS, Experts
 from factorllm.router import ROUTERS, Router, RouterOutput
 
 
@@ -108,6 +108,8 @@ class MoEFeedForward(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # [T, D]
         if x.shape[0] == 1 and not torch.is_grad_enabled() and (kernel := self.decode_kernel(x)) is not None:
             y = kernel(x)  # [1, D]; bound now, `forward` takes it directly from the next call on
+        elif x.shape[0] > DECODE_MAX_TOKENS and not torch.is_grad_enabled() and self._prefill_routed_applies(x):
+            y = native.prefill_routed(self._modules["router"], self._modules["experts"], x)[0]  # [T, D]
         elif self.router.gating == "oracle":
             # NOTE: the oracle needs every expert's output to choose; reuse it instead of running experts twice.
             outs = self.experts.all_outputs(x)  # [T, E, D]
@@ -139,6 +141,18 @@ class MoEFeedForward(nn.Module):
         if self._kernel_key != key:
             self._kernel, self._kernel_key = self._bind_kernel(router, experts), key
         return None if _hooked(router) else self._kernel
+
+    def _prefill_routed_applies(self, x: torch.Tensor) -> bool:
+        """Whether `native.prefill_routed` runs these tokens: inference on float32 CPU, a linear router with a
+        gating the kernel has, experts on the many-token kernel's path, and no hooks on the router or the
+        experts (they would not see the call). The router-then-experts path below is its reference."""
+        router, experts = self._modules["router"], self._modules["experts"]
+        net = router._modules["net"]
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and type(net) is nn.Linear
+                and router.gating in native.GATINGS and experts.path in (None, "sorted")
+                and net.weight.dtype == torch.float32 and net.weight.device.type == "cpu"
+                and net.weight.is_contiguous() and native.prefill_available(experts) and not _hooked(router)
+                and not (experts._forward_hooks or experts._forward_pre_hooks))
 
     @staticmethod
     def _bind_kernel(router: Router, experts: Experts) -> native.DecodeKernel | None:

@@ -1,7 +1,8 @@
 """The CPU MoE kernels (csrc/moe_kernels.c): built once with the system C compiler, loaded with ctypes.
 
 - `DecodeKernel`: one token through a routed block (router, top-k, gating, chosen experts) in one call.
-- `prefill`: many tokens through the experts, grouped by expert, on MKL-packed weights, experts in parallel.
+- `prefill`: many tokens through the experts, grouped by expert, on MKL-packed weights, experts in parallel;
+  `prefill_routed`: the same with a linear router's routing done in the call too.
 
 Why C and not torch ops: see the comments in csrc/moe_kernels.c. The library is compiled on first use
 into factorllm's cache (`loading.cache_dir()`)/native, keyed on the source, the flags and the CPU,
@@ -83,6 +84,9 @@ def _lib():
     fn = lib.factorllm_moe_prefill
     fn.restype = i
     fn.argtypes = [p, i, i, p, p, i, i, i, i, i, p, p, p, p, p, p, p, p, p, p, i]
+    fn = lib.factorllm_moe_prefill_routed
+    fn.restype = i
+    fn.argtypes = [p, p, i, *lib.factorllm_moe_prefill.argtypes]
     return lib
 
 
@@ -235,9 +239,41 @@ def prefill(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
 
     Experts must satisfy `prefill_available`; x float32 contiguous. No autograd.
     """
+    idx = indices.to(torch.int64).contiguous()  # [T, k]
+    w = weights.to(torch.float32).contiguous()  # [T, k]
+    out, rc = _run_prefill(experts, x, idx.shape[1], lambda *rest: _lib().factorllm_moe_prefill(
+        x.data_ptr(), x.shape[0], x.shape[1], idx.data_ptr(), w.data_ptr(), *rest))
+    if rc != 0:
+        raise ValueError(f"expert indices must lie in [0, {experts.num_experts})")
+    return out
+
+
+def prefill_routed(router: nn.Module, experts, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inference: the routed block on many tokens in one call, routing included: x [T, D] ->
+    (out [T, D], weights [T, k], indices [T, k]).
+
+    The router must be a float32 `Router` over an `nn.Linear` with a gating in GATINGS, the experts satisfy
+    `prefill_available`; x float32 contiguous. No autograd. Routes as the batch-1 kernel does (ties to the lower
+    index, as torch.topk on CPU).
+    """
+    net, k = router._modules["net"], router.top_k
+    T = x.shape[0]
+    idx, w = torch.empty(T, k, dtype=torch.int64), torch.empty(T, k)  # written by the kernel
+    bias = net._parameters.get("bias")
+    out, rc = _run_prefill(experts, x, k, lambda *rest: _lib().factorllm_moe_prefill_routed(
+        net.weight.data_ptr(), None if bias is None else bias.data_ptr(), GATINGS[router.gating], x.data_ptr(), T,
+        x.shape[1], idx.data_ptr(), w.data_ptr(), *rest))
+    if rc != 0:
+        raise ValueError(f"the many-token kernel takes up to 1024 experts and 1 <= k <= E (E={experts.num_experts}, "
+                         f"k={k})")
+    return out, w, idx
+
+
+def _run_prefill(experts, x: torch.Tensor, k: int, call) -> tuple[torch.Tensor, int]:
+    """Packed weights, scratch and output for the many-token kernels; `call(k, E, ...)` passes the arguments
+    from k on (the two kernels share them)."""
     packed = experts.packed()
     T, D = x.shape
-    k = indices.shape[1]
     E, mI, _ = experts.w_in.shape
     if experts._prefill_ptrs is None or experts._prefill_ptrs[0] is not packed:  # rebuilt with the packed weights
         ptrs = ctypes.c_void_p * E
@@ -245,20 +281,14 @@ def prefill(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
                                  ptrs(*[p[1].buffer.data_ptr() for p in packed]))
     _, p_in, p_out = experts._prefill_ptrs
     S = T * k
-    idx = indices.to(torch.int64).contiguous()
-    w = weights.to(torch.float32).contiguous()
     out = x.new_empty(T, D)
     at_h, at_w = _aligned(S * D), _aligned(S * D) + _aligned(S * mI)  # each buffer on a cache line (64 B)
     scratch = _scratch(at_w + S, S + E + 1)
     xs, h, w_sorted = scratch.floats[:at_h], scratch.floats[at_h:at_w], scratch.floats[at_w:]  # [S*D], [S*mI], [S]
     slot, start = scratch.ints[:S], scratch.ints[S:]  # [S], [E + 1]
-    act = act_code(experts.act)
-    rc = _lib().factorllm_moe_prefill(
-        x.data_ptr(), T, D, idx.data_ptr(), w.data_ptr(), k, E, experts.width, int(experts.gated), act, p_in, p_out,
-        None if experts.b_in is None else experts.b_in.data_ptr(), mkl.compute_address(), out.data_ptr(),
-        xs.data_ptr(), h.data_ptr(), w_sorted.data_ptr(), slot.data_ptr(), start.data_ptr(),
-        int(experts.width * D < PARALLEL_EXPERTS_BELOW))
+    rc = call(k, E, experts.width, int(experts.gated), act_code(experts.act), p_in, p_out,
+              None if experts.b_in is None else experts.b_in.data_ptr(), mkl.compute_address(), out.data_ptr(),
+              xs.data_ptr(), h.data_ptr(), w_sorted.data_ptr(), slot.data_ptr(), start.data_ptr(),
+              int(experts.width * D < PARALLEL_EXPERTS_BELOW))
     scratch.release()
-    if rc != 0:
-        raise ValueError(f"expert indices must lie in [0, {E})")
-    return out
+    return out, rc
