@@ -184,11 +184,14 @@ def bench_ffn(cfg: BenchConfig) -> list[FFNResult]:
 
 
 def path_taken(moe: MoEFeedForward, x: torch.Tensor) -> str:
-    """How the block runs x [T, D] under no_grad: "native" (the batch-1 kernel) or an expert path's name."""
-    from factorllm.experts import choose_path
+    """How the block runs x [T, D] under no_grad: "native" (the batch-1 kernel), "native-routed" (the many-token
+    kernel with the routing inside) or an expert path's name."""
+    from factorllm.experts import DECODE_MAX_TOKENS, choose_path
 
     if x.shape[0] == 1 and moe.decode_kernel(x) is not None:
         return "native"
+    if x.shape[0] > DECODE_MAX_TOKENS and moe._prefill_routed_applies(x):
+        return "native-routed"
     path = moe.experts.path or choose_path(moe.experts, x, moe.route(x).indices)
     return f"{path}+packed" if path == "sorted" and moe.experts.can_pack else path
 
