@@ -79,6 +79,12 @@ def test_choose_path():
         assert choose_path(experts, x, balanced) == ("sorted" if experts.can_pack else "padded")
     unequal = Experts.from_ffn(_ffn(True, False), _partition([2, 4, 6, 8, 4, 8, 10, 6]))
     assert choose_path(unequal, x, balanced) == "sorted"
+    # training: fine experts, or most experts chosen, run every expert masked (the dense FFN's cost)
+    fine = Experts.from_ffn(_ffn(True, False), _partition([3] * 16))
+    assert choose_path(fine, x, torch.arange(64).remainder(16).view(32, 2)) == "masked"
+    assert choose_path(experts, x, torch.arange(8).repeat(32, 1)) == "masked"  # k = E
+    with torch.no_grad():
+        assert choose_path(fine, x, torch.arange(64).remainder(16).view(32, 2)) != "masked"
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -228,6 +228,12 @@ EXPERT_PATHS: Registry[ExpertPath] = Registry("expert path")
 PADDED_MAX_WASTE = 1.12
 PACK_MIN_BYTES = 256 * 1024
 DECODE_MAX_TOKENS = 4
+# NOTE: training, fine experts or a large share chosen: every expert masked (the dense FFN's cost) beats sorting,
+# whose per-expert GEMM pairs and k copies of each token grow with E and k (measured here, forward + backward,
+# 1024 tokens, 576 x 1280: E=8 k=2 sorted 25 ms / masked 51; E=8 k=4 40 / 57; E=32 k=8 67 / 56; E=128 k=51
+# 404 / 59).
+MASKED_MIN_EXPERTS = 16
+MASKED_MIN_SHARE = 0.6
 
 
 def choose_path(experts: Experts, x: torch.Tensor, indices: torch.Tensor) -> str:
@@ -244,8 +250,11 @@ def choose_path(experts: Experts, x: torch.Tensor, indices: torch.Tensor) -> str
         # NOTE: per-expert GEMMs on packed weights beat one padded bmm even at perfect balance (measured here,
         # 2048x5632, 512 tokens: 0.29 of dense against 0.37 for padded, 0.33 for unpacked sorted).
         return "sorted"
-    counts = torch.bincount(indices.reshape(-1), minlength=experts.num_experts)
-    waste = counts.max().item() * experts.num_experts / (T * k)
+    E = experts.num_experts
+    if torch.is_grad_enabled() and (E >= MASKED_MIN_EXPERTS or k / E > MASKED_MIN_SHARE):
+        return "masked"  # see MASKED_MIN_EXPERTS
+    counts = torch.bincount(indices.reshape(-1), minlength=E)
+    waste = counts.max().item() * E / (T * k)
     return "padded" if waste <= PADDED_MAX_WASTE else "sorted"
 
 
@@ -336,7 +345,11 @@ def sorted_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indice
     w = weights.reshape(-1)[order, None]  # [T*k, 1]  routing weight of each sorted slot
     groups = [(e, a, b) for e, (a, b) in enumerate(zip(starts, bounds, strict=True)) if b > a]
     if torch.is_grad_enabled():
-        y = torch.cat([experts.expert(e, xs[a:b]) * w[a:b] for e, a, b in groups])
+        # NOTE: split, not xs[a:b]: each slice's backward writes a zero tensor the size of xs (128 experts, k = 51:
+        # 5.4 s a layer), one split's backward concatenates the groups' gradients once.
+        sizes = counts.tolist()
+        xs_e, w_e = xs.split(sizes), w.split(sizes)
+        y = torch.cat([experts.expert(e, xs_e[e]) * w_e[e] for e, _, _ in groups])
     else:  # NOTE: inference writes each expert's rows in place: no per-expert outputs, no concatenation
         y = torch.empty_like(xs)  # [T*k, D]
         for e, a, b in groups:
@@ -372,6 +385,23 @@ def padded_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indice
     y = torch.bmm(experts.activation(h, experts.width), experts.w_out.transpose(1, 2))  # [E, C, D]
     y = y.reshape(E * C, D) * wgrid[:, None]  # padding rows have weight 0
     return x.new_zeros(T + 1, D).index_add_(0, src, y)[:T]
+
+
+@EXPERT_PATHS.register("masked")
+def masked_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Fine experts in training: every expert on every token in two GEMMs over the stacked weights, each expert's
+    activations scaled by its combine weight (0 where not chosen). The dense FFN's cost whatever k, where the
+    sorted path copies each token k times (128 experts, k = 51: a [T*51, D] gather and 128 tiny GEMM pairs)."""
+    T, D = x.shape
+    E, mI, _ = experts.w_in.shape
+    I = experts.width
+    combine = x.new_zeros(T, E).scatter_add(1, indices, weights)  # [T, E]
+    h = x @ experts.w_in.reshape(E * mI, D).t()  # [T, E*m*I]
+    if experts.b_in is not None:
+        h = h + experts.b_in.reshape(-1)
+    a = experts.activation(h.view(T, E, mI), I) * combine[..., None]  # [T, E, I]
+    w_out = experts.w_out.permute(1, 0, 2).reshape(D, E * I)  # [D, E*I]: expert e's neurons at e*I .. e*I + I
+    return a.reshape(T, E * I) @ w_out.t()  # [T, D]
 
 
 @EXPERT_PATHS.register("grouped_mm")
