@@ -270,7 +270,8 @@ def test_routed_prefill_kernel_equals_torch_path(family, gating, top_k, router, 
 
 
 @pytest.mark.skipif(not native.mkl.available(), reason="the many-token kernel needs MKL's packed GEMM")
-@pytest.mark.parametrize("case", ["router hook", "experts hook", "grad", "forced path", "mlp router", "float64"])
+@pytest.mark.parametrize("case", ["router hook", "experts hook", "grad", "forced path", "mlp router", "float64",
+                                  "activation the kernels lack"])
 def test_routed_prefill_kernel_steps_aside(case, monkeypatch):
     from factorllm import experts as experts_module
 
@@ -289,6 +290,9 @@ def test_routed_prefill_kernel_steps_aside(case, monkeypatch):
     if case == "float64":
         block.double()
         x = x.double()
+    if case == "activation the kernels lack":
+        block.experts.act = torch.nn.Tanh()
+        assert not native.prefill_available(block.experts)
     with torch.set_grad_enabled(case == "grad"):
         y = block(x)
     assert y.shape == x.shape

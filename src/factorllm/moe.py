@@ -148,20 +148,17 @@ class MoEFeedForward(nn.Module):
         experts (they would not see the call). The router-then-experts path below is its reference."""
         router, experts = self._modules["router"], self._modules["experts"]
         net = router._modules["net"]
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and type(net) is nn.Linear
-                and router.gating in native.GATINGS and experts.path in (None, "sorted")
-                and net.weight.dtype == torch.float32 and net.weight.device.type == "cpu"
-                and net.weight.is_contiguous() and native.prefill_available(experts) and not _hooked(router)
-                and not (experts._forward_hooks or experts._forward_pre_hooks))
+        return (type(net) is nn.Linear and router.gating in native.GATINGS and experts.path in (None, "sorted")
+                and _kernel_tensors(x, net.weight, net.bias) and native.prefill_available(experts)
+                and not _hooked(router) and not (experts._forward_hooks or experts._forward_pre_hooks))
 
     @staticmethod
     def _bind_kernel(router: Router, experts: Experts) -> native.DecodeKernel | None:
         net = router.net
         if type(net) is not nn.Linear or router.gating not in native.GATINGS or experts.padded:
             return None
-        tensors = [t for t in (net.weight, net.bias, experts.w_in, experts.b_in, experts.w_out) if t is not None]
-        if (any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
-                or not native.available()):
+        if not native.available() or not _kernel_tensors(net.weight, net.bias, experts.w_in, experts.b_in,
+                                                         experts.w_out):
             return None
         act = native.act_code(experts.act)
         return None if act is None else native.DecodeKernel(router, experts, act)
@@ -188,6 +185,12 @@ class MoEFeedForward(nn.Module):
             gated=self.experts.gated, w_in=cat["w_in"], w_up=cat["w_up"], w_out=cat["w_out"].t(),
             act=self.experts.act, b_in=cat["b_in"], b_up=cat["b_up"], b_out=self.b_out,
         )
+
+
+def _kernel_tensors(*tensors: torch.Tensor | None) -> bool:
+    """Whether the native kernels can read these tensors (None: an absent bias): float32, CPU, contiguous."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+               for t in tensors)
 
 
 def _hooked(router: Router) -> bool:

@@ -230,8 +230,9 @@ def _scratch(floats: int, ints: int) -> _Scratch:
 
 
 def prefill_available(experts) -> bool:
-    """Whether `prefill` runs these experts: the kernels built and the experts packable (see Experts.can_pack)."""
-    return available() and experts.can_pack
+    """Whether `prefill` runs these experts: the kernels built, the experts packable (see Experts.can_pack) and
+    their activation one the kernels have."""
+    return available() and experts.can_pack and act_code(experts.act) is not None
 
 
 def prefill(experts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
