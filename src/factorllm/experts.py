@@ -201,14 +201,18 @@ class Experts(nn.Module):
     def forward_naive(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return naive_path(self, x, weights.to(x.dtype), indices)
 
-    def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every token: [T, D] -> [T, E, D], in two batched GEMMs (the cost of the dense FFN)."""
+    def all_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's neuron activations on every token: [T, D] -> [T, E, I], in one GEMM."""
         T, D = x.shape
         E, mI = self.w_in.shape[:2]
         h = x @ self.w_in.reshape(E * mI, D).t()  # [T, E*m*I]
         if self.b_in is not None:
             h = h + self.b_in.reshape(-1)
-        a = self.activation(h.view(T, E, mI), self.width)  # [T, E, I]
+        return self.activation(h.view(T, E, mI), self.width)  # [T, E, I]
+
+    def all_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token: [T, D] -> [T, E, D], in two batched GEMMs (the cost of the dense FFN)."""
+        a = self.all_activations(x)  # [T, E, I]
         out = torch.bmm(a.transpose(0, 1), self.w_out.transpose(1, 2))  # [E, T, D]
         return out.transpose(0, 1)  # [T, E, D]
 
@@ -393,13 +397,9 @@ def masked_path(experts: Experts, x: torch.Tensor, weights: torch.Tensor, indice
     activations scaled by its combine weight (0 where not chosen). The dense FFN's cost whatever k, where the
     sorted path copies each token k times (128 experts, k = 51: a [T*51, D] gather and 128 tiny GEMM pairs)."""
     T, D = x.shape
-    E, mI, _ = experts.w_in.shape
-    I = experts.width
+    E, I = experts.num_experts, experts.width
     combine = x.new_zeros(T, E).scatter_add(1, indices, weights)  # [T, E]
-    h = x @ experts.w_in.reshape(E * mI, D).t()  # [T, E*m*I]
-    if experts.b_in is not None:
-        h = h + experts.b_in.reshape(-1)
-    a = experts.activation(h.view(T, E, mI), I) * combine[..., None]  # [T, E, I]
+    a = experts.all_activations(x) * combine[..., None]  # [T, E, I]
     w_out = experts.w_out.permute(1, 0, 2).reshape(D, E * I)  # [D, E*I]: expert e's neurons at e*I .. e*I + I
     return a.reshape(T, E * I) @ w_out.t()  # [T, D]
 

@@ -258,7 +258,8 @@ typedef void (*sgemm_compute_fn)(int layout, int transa, int transb, int m, int 
                                  const float *b, int ldb, float beta, float *c, int ldc);
 enum { CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_PACKED = 151 };
 
-/* Expert e on its sorted rows: xs = w * expert(xs), in place; `threaded`: the activation loop runs on all threads. */
+/* Expert e on its sorted rows: xs = w * expert(xs), in place; `threaded`: the activation loop runs on all
+ * threads. */
 static void expert_rows(int e, const long long *start, float *xs, float *h, const float *w_sorted,
                         int D, int I, int gated, int act, const float *const *packed_in, const float *const *packed_out,
                         const float *b_in, sgemm_compute_fn gemm, int threaded) {
@@ -282,7 +283,8 @@ static void expert_rows(int e, const long long *start, float *xs, float *h, cons
  * parallel_experts: experts run one per thread (small experts) or one at a time on all threads (large ones). */
 int factorllm_moe_prefill(const float *x, int T, int D, const long long *indices, const float *weights, int k, int E,
                           int I, int gated, int act, const float *const *packed_in, const float *const *packed_out,
-                          const float *b_in, void *compute, float *out, float *xs, float *h, float *w_sorted, long long *slot, long long *start, int parallel_experts) {
+                          const float *b_in, void *compute, float *out, float *xs, float *h, float *w_sorted,
+                          long long *slot, long long *start, int parallel_experts) {
     sgemm_compute_fn gemm = (sgemm_compute_fn)compute;
     const int m = gated ? 2 : 1, mI = m * I, S = T * k;
     /* counting sort of the slots by expert: start[e] .. start[e+1] are expert e's rows */
@@ -308,11 +310,11 @@ int factorllm_moe_prefill(const float *x, int T, int D, const long long *indices
 
     if (parallel_experts) {
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int e = 0; e < E; e++) expert_rows(e, start, xs, h, w_sorted, D, I, gated, act, packed_in, packed_out, b_in,
-                                                gemm, 0);
+        for (int e = 0; e < E; e++)
+            expert_rows(e, start, xs, h, w_sorted, D, I, gated, act, packed_in, packed_out, b_in, gemm, 0);
     } else { /* large experts: one at a time, each GEMM threaded by MKL */
-        for (int e = 0; e < E; e++) expert_rows(e, start, xs, h, w_sorted, D, I, gated, act, packed_in, packed_out, b_in,
-                                                gemm, 1);
+        for (int e = 0; e < E; e++)
+            expert_rows(e, start, xs, h, w_sorted, D, I, gated, act, packed_in, packed_out, b_in, gemm, 1);
     }
     /* each token sums its k rows: no two threads write one token */
 #pragma omp parallel for schedule(static)
