@@ -55,8 +55,9 @@ def main() -> int:
     t_start = time.time()
 
     dense, tok = load_model(args.model)
-    train_w = mixed_windows(tok, args.train_data, args.window, args.train_tokens // args.window, seed=0)
-    calib = list(mixed_windows(tok, args.train_data, args.window, 8, seed=1).split(4))
+    corpora = [tokenize(tok, load_text(name)) for name in args.train_data.split("+")]  # once: train and calib
+    train_w = mixed_windows(corpora, args.window, args.train_tokens // args.window, seed=0)
+    calib = list(mixed_windows(corpora, args.window, 8, seed=1).split(4))
     evals = {"pydoc": windows(tokenize(tok, pydoc_text()), args.window, args.eval_windows, seed=0).reshape(-1),
              "kjv": windows(tokenize(tok, kjv_text("heldout")), args.window, args.eval_windows, seed=0).reshape(-1)}
     ppl = lambda m: {d: perplexity(m, ids, window=args.window) for d, ids in evals.items()}  # noqa: E731
@@ -126,12 +127,10 @@ def main() -> int:
     return 0
 
 
-def mixed_windows(tok, spec: str, window: int, count: int, seed: int) -> torch.Tensor:
-    """`count` windows [count, window], drawn equally from each '+'-joined corpus of `spec`, shuffled."""
-    names = spec.split("+")
-    per = [count // len(names) + (i < count % len(names)) for i in range(len(names))]
-    wins = torch.cat([windows(tokenize(tok, load_text(n)), window, c, seed=seed)
-                      for n, c in zip(names, per, strict=True)])
+def mixed_windows(corpora: list[torch.Tensor], window: int, count: int, seed: int) -> torch.Tensor:
+    """`count` windows [count, window], drawn equally from each corpus's token ids, shuffled."""
+    per = [count // len(corpora) + (i < count % len(corpora)) for i in range(len(corpora))]
+    wins = torch.cat([windows(ids, window, c, seed=seed) for ids, c in zip(corpora, per, strict=True)])
     return wins[torch.randperm(len(wins), generator=torch.Generator().manual_seed(seed))]
 
 
