@@ -159,6 +159,17 @@ def test_activation_codes_match_torch():
     assert native.act_code(nn.Tanh()) is None  # no kernel for it: the torch path runs
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_activation_right_outside_the_float_range(act):
+    """csrc exp_f clamps its argument to [-87, 89] (exp(89) = inf): the activations stay right far out."""
+    from torch import nn
+
+    module = nn.SiLU() if act == "silu" else nn.GELU(approximate="tanh")
+    probe = torch.cat([torch.linspace(-300, 300, 601), torch.tensor([-1e4, -90.0, -87.5, 88.5, 90.0, 1e4])])
+    got = torch.tensor([native._lib().factorllm_act(float(v), native._ACT_CODES[act]) for v in probe])
+    torch.testing.assert_close(got, module(probe), atol=1e-6, rtol=1e-6)
+
+
 def test_kernel_follows_set_routing():
     from factorllm import set_routing_
 
