@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shapes", default="576x1536,2048x5632", help="FFN shapes hidden x ffn, comma-separated")
     p.add_argument("--tokens", default="1,512", help="token counts of the FFN benchmark, comma-separated")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--model-repeats", type=int, default=5)
+    p.add_argument("--model-repeats", type=int, default=9)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu")
