@@ -99,6 +99,16 @@ def test_all_outputs_sum_to_dense_and_match_each_expert(gated):
             torch.testing.assert_close(outs[:, e], experts.expert(e, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("sizes", [[2, 4, 6, 8, 4, 8, 10, 6], [24, 24]])  # narrow (Gram) and I >= D (outputs)
+def test_output_norms_equal_the_norms_of_all_outputs(gated, sizes):
+    experts = Experts.from_ffn(_ffn(gated, bias=True), _partition(sizes))
+    x = torch.randn(7, D)
+    with torch.no_grad():
+        torch.testing.assert_close(experts.output_norms(x), experts.all_outputs(x).norm(dim=-1), atol=1e-5,
+                                   rtol=1e-4)
+
+
 def test_gatings_shapes_and_weights():
     logits = torch.randn(5, 8)
     for name in GATINGS.names():

@@ -216,6 +216,21 @@ class Experts(nn.Module):
         out = torch.bmm(a.transpose(0, 1), self.w_out.transpose(1, 2))  # [E, T, D]
         return out.transpose(0, 1)  # [T, E, D]
 
+    def output_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """||expert_e(x_t)|| for every token and expert: [T, D] -> [T, E], without the [T, E, D] outputs.
+
+        ||W_e a||^2 = a^T (W_e^T W_e) a with W_e = w_out[e] [D, I]: an [I, I] Gram matrix per expert instead of
+        a [T, I] x [I, D] product (128 experts of 10 neurons, 1024 tokens: the outputs were a fifth of an
+        end-to-end training step). Narrow experts only: where I >= D the outputs are as cheap.
+        """
+        E, D, I = self.w_out.shape
+        if I >= D:
+            return self.all_outputs(x).norm(dim=-1)
+        a = self.all_activations(x).transpose(0, 1)  # [E, T, I]
+        gram = self.w_out.transpose(1, 2) @ self.w_out  # [E, I, I]
+        sq = ((a @ gram) * a).sum(dim=-1)  # [E, T]
+        return sq.clamp_min(0).sqrt().t()  # [T, E]; rounding can make a zero norm's square slightly negative
+
     def extra_repr(self) -> str:
         sizes = self.sizes if self.padded else self.sizes[0]
         return f"num_experts={self.num_experts}, sizes={sizes}, gated={self.gated}, path={self.path or 'auto'}"

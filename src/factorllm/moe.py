@@ -85,7 +85,7 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x: torch.Tensor) -> RouterOutput:
         """Routing alone, [T, D] -> RouterOutput; the oracle gating runs every expert to score them."""
-        scores = self.experts.all_outputs(x).norm(dim=-1) if self.router.gating == "oracle" else None  # [T, E]
+        scores = self.experts.output_norms(x) if self.router.gating == "oracle" else None  # [T, E]
         return self.router(x, scores)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

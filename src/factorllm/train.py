@@ -145,12 +145,15 @@ class TrainResult:
 # Routing targets
 
 @torch.no_grad()
+@torch.no_grad()
 def pa_labels(block: MoEFeedForward, teacher_ffn: nn.Module, x: torch.Tensor, method: str) -> torch.Tensor:
-    """Pseudo-labels [T, E] for a block's routed experts on its real input x [T, D].
+    """Pseudo-labels [T, E] for a block's routed experts on its real input x [T, D]: targets, no gradient.
 
     The target is the dense teacher FFN's output on the same input, minus what the routed experts do not
     carry (the shared expert and the output bias).
     """
+    if method == "norm":  # NOTE: needs the experts' output norms only, not [T, E, D] outputs or the teacher
+        return losses.top_k_mask(block.experts.output_norms(x), block.router.top_k)
     outs = block.experts.all_outputs(x)  # [T, E, D]
     y = teacher_ffn(x)  # [T, D]
     if block.shared is not None:
