@@ -145,7 +145,6 @@ class TrainResult:
 # Routing targets
 
 @torch.no_grad()
-@torch.no_grad()
 def pa_labels(block: MoEFeedForward, teacher_ffn: nn.Module, x: torch.Tensor, method: str) -> torch.Tensor:
     """Pseudo-labels [T, E] for a block's routed experts on its real input x [T, D]: targets, no gradient.
 
