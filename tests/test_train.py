@@ -16,6 +16,7 @@ from conftest import tiny_model, token_batch
 from factorllm import FactorConfig, convert_, set_routing_
 from factorllm.losses import PSEUDO_LABELS, pa_loss
 from factorllm.train import (
+    TeacherLogits,
     TrainConfig,
     TrainData,
     TrainingDiverged,
@@ -153,6 +154,50 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, m
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-6, msg=name)
     assert not torch.equal(want["model.layers.1.mlp.router.net.weight"],
                            _trained_state(_pair()[0])["model.layers.1.mlp.router.net.weight"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_teacher_logits_equal_the_teachers_and_skip_its_body_on_a_second_visit(family):
+    teacher = tiny_model(family)
+    ids = _windows(3)
+    body_calls = []
+    teacher.base_model.register_forward_hook(lambda m, a, o: body_calls.append(1))
+    cached = TeacherLogits(teacher, cache=True)
+    want = teacher(input_ids=ids).logits
+    torch.testing.assert_close(cached(torch.tensor([4, 7, 9]), ids), want, atol=1e-5, rtol=1e-5)
+    body_calls.clear()
+    again = cached(torch.tensor([9, 4]), ids[[2, 0]])  # both windows seen: the output head only
+    assert body_calls == []
+    torch.testing.assert_close(again, want[[2, 0]], atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_cache_steps_aside_for_a_model_whose_logits_are_not_its_heads_output():
+    teacher = tiny_model("llama")
+
+    def scale(_m, _a, out):  # a model that scales its logits after the head (as Cohere and Gemma 2 do)
+        out.logits = out.logits * 3.0
+        return out
+
+    teacher.register_forward_hook(scale)
+    ids = _windows(2)
+    cached = TeacherLogits(teacher, cache=True)
+    torch.testing.assert_close(cached(torch.tensor([0, 1]), ids), teacher(input_ids=ids).logits)
+    assert cached.hidden is None  # fell back to full forwards
+
+
+def test_end_to_end_distillation_with_the_teacher_cache_trains_as_without_it():
+    data = TrainData(_windows(4))
+    cfg = TrainConfig(mode="end2end", train_experts=True, distill_weight=1.0, pa_weight=0.1, max_steps=6,
+                      batch_size=2, lr=1e-2, save_every=0)  # 6 steps of 2 over 4 windows: each seen 3 times
+    states = []
+    for cache in (True, False):
+        student, dense = _pair()
+        train(student, dense, data, dataclass_replace(cfg, cache_teacher=cache), progress=False)
+        states.append(_trained_state(student))
+    for name in states[0]:
+        torch.testing.assert_close(states[0][name], states[1][name], atol=1e-5, rtol=1e-5, msg=name)
+    assert not torch.equal(states[0]["model.layers.0.mlp.router.net.weight"],
+                           _trained_state(_pair()[0])["model.layers.0.mlp.router.net.weight"])
 
 
 def dataclass_replace(cfg, **kw):

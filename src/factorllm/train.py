@@ -56,6 +56,8 @@ class TrainConfig:
         recon_weight: layerwise only: the block's output against the dense FFN's (relative squared error).
         lm_weight, distill_weight: end2end only: next-token loss and KL to the teacher's logits.
         straight_through: hard gating passes the chosen experts' probabilities' gradient to the router.
+        cache_teacher: end2end distillation: keep each training window's teacher hidden states (S x D floats a
+            window), so a window seen again costs the teacher's output head only, not its whole forward.
         max_steps: optimizer steps (per layer in layerwise mode).
         batch_size: windows per step (end2end); token_batch: tokens per step (layerwise).
         layerwise_tokens: training tokens whose activations are cached in layerwise mode.
@@ -74,6 +76,7 @@ class TrainConfig:
     lm_weight: float = 0.0
     distill_weight: float = 0.0
     straight_through: bool = False
+    cache_teacher: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -117,7 +120,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """What must match for a checkpoint to be resumed: everything but cadence, paths and the resume flag."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("resume", "output_dir", "eval_every", "save_every")}
+                if k not in ("resume", "output_dir", "eval_every", "save_every", "cache_teacher")}
         return json.dumps(keep, sort_keys=True)
 
 
@@ -160,6 +163,42 @@ def pa_labels(block: MoEFeedForward, teacher_ffn: nn.Module, x: torch.Tensor, me
     if block.b_out is not None:
         y = y - block.b_out
     return losses.PSEUDO_LABELS.get(method)(outs, y, block.router.top_k)
+
+
+class TeacherLogits:
+    """The dense teacher's logits for training windows [B, S] -> [B, S, V], for logit distillation.
+
+    With `cache=True` each window's last hidden states [S, D] are kept the first time it is seen, so a window seen
+    again costs the output head only: the teacher's body is ~80% of its forward and the end-to-end stage revisits
+    its windows (SmolLM2: 64 windows, 200 steps of 2). Windows run one at a time, so a window's hidden states do
+    not depend on the batch it first came in (a resumed run computes the same logits as an uninterrupted one).
+
+    NOTE: the cache assumes logits = output_head(base_model(...).last_hidden_state); the first window checks it
+    against the full forward, and a model that scales or caps its logits falls back to full forwards.
+    """
+
+    def __init__(self, teacher: nn.Module, cache: bool) -> None:
+        self.teacher = teacher
+        self.head = teacher.get_output_embeddings() if cache else None
+        self.hidden: dict[int, torch.Tensor] | None = {} if self.head is not None else None  # window -> [S, D]
+
+    @torch.no_grad()
+    def __call__(self, windows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """windows: [B] indices of the batch's windows in the training data; ids: [B, S] their tokens."""
+        if self.hidden is None:
+            return self.teacher(input_ids=ids, use_cache=False).logits
+        for w, row in zip(windows.tolist(), ids, strict=True):
+            if w not in self.hidden:
+                h = self.teacher.base_model(input_ids=row[None], use_cache=False).last_hidden_state[0]  # [S, D]
+                if not self.hidden and not self._head_reproduces(row, h):
+                    self.hidden = None
+                    return self(windows, ids)
+                self.hidden[w] = h
+        return self.head(torch.stack([self.hidden[w] for w in windows.tolist()]))  # [B, S, V]
+
+    def _head_reproduces(self, row: torch.Tensor, h: torch.Tensor) -> bool:
+        full = self.teacher(input_ids=row[None], use_cache=False).logits[0]  # [S, V]
+        return torch.allclose(self.head(h), full, rtol=1e-4, atol=1e-4)
 
 
 @dataclass
@@ -427,8 +466,9 @@ def _train_end2end(accelerator, model, teacher, data, cfg, params, ckpt, resume,
     wrapped = accelerator.prepare(model)
     n = data.train.shape[0]
 
-    def batch_fn(step: int) -> torch.Tensor:
-        # A pure function of the step: epoch-seeded permutation, then this process's share of the batch.
+    def batch_fn(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # A pure function of the step: epoch-seeded permutation, then this process's share of the batch, as
+        # (window indices [B / world], their ids [B / world, S]).
         per_epoch = max(1, n // cfg.batch_size)
         epoch, i = divmod(step, per_epoch)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
@@ -436,18 +476,20 @@ def _train_end2end(accelerator, model, teacher, data, cfg, params, ckpt, resume,
         if len(idx) < cfg.batch_size:  # fewer windows than one batch: wrap around
             idx = perm.repeat(cfg.batch_size // n + 1)[: cfg.batch_size]
         share = cfg.batch_size // world
-        return data.train[idx[rank * share:(rank + 1) * share]].to(accelerator.device)
+        mine = idx[rank * share:(rank + 1) * share]  # [B / world]
+        return mine, data.train[mine].to(accelerator.device)
 
-    def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    teacher_logits = TeacherLogits(teacher, cfg.cache_teacher)
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        windows, ids = batch
         with trace_routing(model) as traces:
             out = wrapped(input_ids=ids, use_cache=False)
         loss = out.logits.new_zeros(())
         if cfg.lm_weight:
             loss = loss + cfg.lm_weight * losses.lm_loss(out.logits, ids)
         if cfg.distill_weight:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids, use_cache=False).logits
-            loss = loss + cfg.distill_weight * losses.distill_loss(out.logits, t_logits)
+            loss = loss + cfg.distill_weight * losses.distill_loss(out.logits, teacher_logits(windows, ids))
         if cfg.train_router and (cfg.pa_weight or cfg.bce_weight or cfg.switch_weight or cfg.ref_balance_weight):
             # NOTE: labels come from each layer's own input in this very forward pass (the reference code
             # used the previous layer's FFN output) and cover every sequence of the batch.

@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm-weight", type=float, default=0.0)
     p.add_argument("--distill-weight", type=float, default=None, help="default 1 when experts train end2end")
     p.add_argument("--straight-through", action="store_true")
+    p.add_argument("--no-teacher-cache", action="store_true",
+                   help="end2end: run the whole teacher every step instead of keeping each window's hidden states")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (per layer when layerwise)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (end2end)")
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         pseudo_label=args.pseudo_label, pa_weight=args.pa_weight, bce_weight=args.bce_weight,
         switch_weight=args.switch_weight, ref_balance_weight=args.ref_balance_weight, recon_weight=recon,
         lm_weight=args.lm_weight, distill_weight=distill, straight_through=args.straight_through,
+        cache_teacher=not args.no_teacher_cache,
         max_steps=args.steps, lr=args.lr, batch_size=args.batch_size, token_batch=args.token_batch,
         layerwise_tokens=args.tokens, eval_every=args.eval_every, save_every=args.save_every,
         output_dir=str(out), resume=args.resume, seed=args.seed,
