@@ -21,10 +21,10 @@ import time
 
 import torch
 from torch import nn
-from train_quality import log, mixed_windows
+from train_quality import heldout_ids, log, mixed_windows, routed_k
 
 from factorllm import FactorConfig, convert_, load_model, losses, perplexity
-from factorllm.data import kjv_text, load_text, pydoc_text, tokenize, windows
+from factorllm.data import load_text, tokenize
 from factorllm.moe import moe_layers
 from factorllm.serialization import atomic_write_text
 from factorllm.train import cache_ffn_activations
@@ -77,10 +77,8 @@ def main() -> int:
     corpora = [tokenize(tok, load_text(name)) for name in args.train_data.split("+")]
     train_w = mixed_windows(corpora, window, args.train_tokens // window, seed=0)
     calib = list(mixed_windows(corpora, window, 8, seed=1).split(4))
-    evals = {"pydoc": windows(tokenize(tok, pydoc_text()), window, args.eval_windows, seed=0).reshape(-1),
-             "kjv": windows(tokenize(tok, kjv_text("heldout")), window, args.eval_windows, seed=0).reshape(-1)}
-    width = dense.config.intermediate_size
-    k = max(1, round((args.fraction * width - args.shared_neurons) * args.experts / (width - args.shared_neurons)))
+    evals = heldout_ids(tok, window, args.eval_windows)
+    k = routed_k(args.fraction, dense.config.intermediate_size, args.shared_neurons, args.experts)
     cfg = FactorConfig(args.experts, k, partition="importance", gating="sum", router="mlp",
                        router_hidden=args.router_hidden, shared_neurons=args.shared_neurons)
     base = convert_(copy.deepcopy(dense), cfg, calib=calib, progress=False)

@@ -58,8 +58,7 @@ def main() -> int:
     corpora = [tokenize(tok, load_text(name)) for name in args.train_data.split("+")]  # once: train and calib
     train_w = mixed_windows(corpora, args.window, args.train_tokens // args.window, seed=0)
     calib = list(mixed_windows(corpora, args.window, 8, seed=1).split(4))
-    evals = {"pydoc": windows(tokenize(tok, pydoc_text()), args.window, args.eval_windows, seed=0).reshape(-1),
-             "kjv": windows(tokenize(tok, kjv_text("heldout")), args.window, args.eval_windows, seed=0).reshape(-1)}
+    evals = heldout_ids(tok, args.window, args.eval_windows)
     ppl = lambda m: {d: perplexity(m, ids, window=args.window) for d, ids in evals.items()}  # noqa: E731
     dense_ppl = ppl(dense)
     log(f"dense {dense_ppl}")
@@ -71,7 +70,7 @@ def main() -> int:
     for frac in args.fractions:
         width = dense.config.intermediate_size
         per_expert = (width - args.shared_neurons) / args.experts
-        k = max(1, round((frac * width - args.shared_neurons) / per_expert))
+        k = routed_k(frac, width, args.shared_neurons, args.experts)
         cfg = FactorConfig(args.experts, k, partition=args.partition, gating=args.gating, router=args.router,
                            router_hidden=args.router_hidden, shared_neurons=args.shared_neurons)
         compute = (args.shared_neurons + k * per_expert) / width
@@ -125,6 +124,18 @@ def main() -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
     return 0
+
+
+def heldout_ids(tok, window: int, count: int) -> dict[str, torch.Tensor]:
+    """The held-out evaluation tokens: `count` windows each of the Python docs and of KJV's held-out books."""
+    return {"pydoc": windows(tokenize(tok, pydoc_text()), window, count, seed=0).reshape(-1),
+            "kjv": windows(tokenize(tok, kjv_text("heldout")), window, count, seed=0).reshape(-1)}
+
+
+def routed_k(fraction: float, width: int, shared: int, experts: int) -> int:
+    """k such that the shared neurons plus k of the equal routed experts are `fraction` of the FFN's width."""
+    per_expert = (width - shared) / experts
+    return max(1, round((fraction * width - shared) / per_expert))
 
 
 def mixed_windows(corpora: list[torch.Tensor], window: int, count: int, seed: int) -> torch.Tensor:

@@ -169,9 +169,10 @@ class TeacherLogits:
     """The dense teacher's logits for training windows [B, S] -> [B, S, V], for logit distillation.
 
     With `cache=True` each window's last hidden states [S, D] are kept the first time it is seen, so a window seen
-    again costs the output head only: the teacher's body is ~80% of its forward and the end-to-end stage revisits
-    its windows (SmolLM2: 64 windows, 200 steps of 2). Windows run one at a time, so a window's hidden states do
-    not depend on the batch it first came in (a resumed run computes the same logits as an uninterrupted one).
+    again costs the output head only: the teacher's body is ~80% of its forward's FLOPs and the end-to-end stage
+    revisits its windows (SmolLM2: 64 windows, 200 steps of 2). Windows run one at a time, so a window's hidden
+    states do not depend on the batch it first came in (a resumed run computes the same logits as an uninterrupted
+    one).
 
     NOTE: the cache assumes logits = output_head(base_model(...).last_hidden_state); the first window checks it
     against the full forward, and a model that scales or caps its logits falls back to full forwards.
@@ -191,8 +192,8 @@ class TeacherLogits:
             if w not in self.hidden:
                 h = self.teacher.base_model(input_ids=row[None], use_cache=False).last_hidden_state[0]  # [S, D]
                 if not self.hidden and not self._head_reproduces(row, h):
-                    self.hidden = None
-                    return self(windows, ids)
+                    self.hidden = None  # from now on: full forwards
+                    return self.teacher(input_ids=ids, use_cache=False).logits
                 self.hidden[w] = h
         return self.head(torch.stack([self.hidden[w] for w in windows.tolist()]))  # [B, S, V]
 
