@@ -50,6 +50,8 @@ def main() -> int:
                     help="per fraction: a third stage, end-to-end logit distillation of routers and experts from "
                          "the dense teacher, for this many minutes (0: skip)")
     ap.add_argument("--e2e-lr", type=float, default=1e-4)
+    ap.add_argument("--e2e-router-lr", type=float, default=None,
+                    help="end-to-end stage: the routers' learning rate where it differs from --e2e-lr")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     t_start = time.time()
@@ -84,7 +86,8 @@ def main() -> int:
                                            save_every=0, **router_terms)),
             ("router+experts, end2end", TrainConfig(mode="end2end", train_experts=True, pseudo_label="norm",
                                                     pa_weight=0.1, distill_weight=1.0, straight_through=True,
-                                                    lr=args.e2e_lr, batch_size=2, max_steps=10**6, save_every=0)),
+                                                    lr=args.e2e_lr, router_lr=args.e2e_router_lr, batch_size=2,
+                                                    max_steps=10**6, save_every=0)),
         ):
             t0 = time.time()
             if tcfg.mode == "end2end":
@@ -100,6 +103,7 @@ def main() -> int:
             row = {"experts": args.experts, "top_k": k, "partition": args.partition, "gating": args.gating,
                    "train_data": args.train_data,
                    "router": args.router, "router_loss": args.router_loss, "shared_neurons": args.shared_neurons,
+                   "lr": tcfg.lr, "router_lr": tcfg.router_lr,
                    "ffn_compute": compute,
                    "stage": stage, "steps": steps, "train_minutes": minutes,
                    "ppl": {d: {"dense": dense_ppl[d]} for d in evals}}

@@ -200,6 +200,21 @@ def test_end_to_end_distillation_with_the_teacher_cache_trains_as_without_it():
                            _trained_state(_pair()[0])["model.layers.0.mlp.router.net.weight"])
 
 
+def test_router_lr_sets_the_routers_rate_apart_from_the_experts():
+    """lr=0-ish for the experts, a real rate for the routers: only the routers move (and the reverse)."""
+    data = TrainData(_windows(4))
+    cfg = TrainConfig(mode="end2end", train_experts=True, distill_weight=1.0, pa_weight=0.1, max_steps=3,
+                      batch_size=2, save_every=0)
+    start = _trained_state(_pair()[0])
+    for lr, router_lr, moved in ((1e-12, 1e-2, ".router."), (1e-2, 1e-12, ".experts.")):
+        student, dense = _pair()
+        train(student, dense, data, dataclass_replace(cfg, lr=lr, router_lr=router_lr), progress=False)
+        end = _trained_state(student)
+        for name in end:
+            change = (end[name] - start[name]).abs().max().item()
+            assert (change > 1e-4) == (moved in name), (name, change)
+
+
 def dataclass_replace(cfg, **kw):
     import dataclasses
 
@@ -260,7 +275,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     (dict(mode="joint"), "mode="), (dict(train_router=False), "nothing to train"),
     (dict(mode="layerwise", lm_weight=1.0), "need mode='end2end'"), (dict(pa_weight=0.0), "train_router needs"),
     (dict(train_experts=True, train_router=False), "train_experts needs"), (dict(resume=True), "resume needs"),
-    (dict(pseudo_label="best"), "unknown pseudo-label"),
+    (dict(pseudo_label="best"), "unknown pseudo-label"), (dict(router_lr=0.0), "learning rates must be > 0"),
 ])
 def test_train_config_validation(kw, msg):
     with pytest.raises(ValueError, match=msg):

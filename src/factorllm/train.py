@@ -56,6 +56,8 @@ class TrainConfig:
         recon_weight: layerwise only: the block's output against the dense FFN's (relative squared error).
         lm_weight, distill_weight: end2end only: next-token loss and KL to the teacher's logits.
         straight_through: hard gating passes the chosen experts' probabilities' gradient to the router.
+        lr, router_lr: the learning rate, and the routers' own where it differs (None: `lr`); end-to-end
+            fine-tuning of experts wants a small rate, their freshly trained routers a larger one.
         cache_teacher: end2end distillation: keep each training window's teacher hidden states (S x D floats a
             window), so a window seen again costs the teacher's output head only, not its whole forward.
         max_steps: optimizer steps (per layer in layerwise mode).
@@ -78,6 +80,7 @@ class TrainConfig:
     straight_through: bool = False
     cache_teacher: bool = True
     lr: float = 1e-3
+    router_lr: float | None = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
@@ -111,6 +114,8 @@ class TrainConfig:
             raise ValueError("train_router needs pa_weight, bce_weight, lm_weight or distill_weight > 0")
         if self.train_experts and not expert_terms:
             raise ValueError("train_experts needs recon_weight (layerwise), distill_weight or lm_weight > 0")
+        if self.lr <= 0 or (self.router_lr is not None and self.router_lr <= 0):
+            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, router_lr={self.router_lr}")
         for name in ("max_steps", "batch_size", "token_batch", "layerwise_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -335,12 +340,16 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-def _run_loop(accelerator, module: nn.Module, params: list[nn.Parameter], batch_fn: Callable[[int], object],
+def _run_loop(accelerator, module: nn.Module, groups: list[dict], batch_fn: Callable[[int], object],
               loss_fn: Callable[[object], tuple[torch.Tensor, int]], cfg: TrainConfig, ckpt: Checkpointer,
               state: dict, result: TrainResult, desc: str, callbacks: Sequence[Callable[[int, dict], None]],
               eval_fn: Callable[[], dict] | None = None, resume_from: dict | None = None) -> None:
-    """The training loop: step = batch_fn(step) -> loss_fn -> backward -> clip -> AdamW -> cosine schedule."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    """The training loop: step = batch_fn(step) -> loss_fn -> backward -> clip -> AdamW -> cosine schedule.
+
+    `groups`: AdamW parameter groups (`params`, and `lr` where it is not `cfg.lr`), see `_param_groups`.
+    """
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     start = 0
     if resume_from is not None:
@@ -383,19 +392,27 @@ def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _set_trainable(model: nn.Module, cfg: TrainConfig) -> list[nn.Parameter]:
+def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
+    """Freezes everything but what `cfg` trains: the routers and/or the experts (shared expert included)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    params = []
     for _, block in moe_layers(model):
         block.router.straight_through = cfg.straight_through
-        groups = ([block.router] if cfg.train_router else []) + \
-                 ([block.experts, *([block.shared] if block.shared is not None else [])] if cfg.train_experts else [])
-        for g in groups:
-            for p in g.parameters():
-                p.requires_grad_(True)
-                params.append(p)
-    return params
+        for p in block.router.parameters():
+            p.requires_grad_(cfg.train_router)
+        for group in (block.experts, block.shared):  # NOTE: the output bias stays as the dense FFN had it
+            for p in group.parameters() if group is not None else ():
+                p.requires_grad_(cfg.train_experts)
+
+
+def _param_groups(blocks: Sequence[MoEFeedForward], cfg: TrainConfig) -> list[dict]:
+    """AdamW groups of the blocks' trainable parameters: the routers' (at `router_lr` where set), the rest."""
+    router = [p for b in blocks for p in b.router.parameters() if p.requires_grad]
+    ids = {id(p) for p in router}
+    rest = [p for b in blocks for p in b.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": router, **({"lr": cfg.router_lr} if cfg.router_lr is not None else {})},
+              {"params": rest}]
+    return [g for g in groups if g["params"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,11 +456,11 @@ def train(model: nn.Module, teacher: nn.Module, data: TrainData | torch.Tensor, 
             named = dict(model.named_parameters())
             for name, value in resume["params"].items():
                 named[name].copy_(value)
-    params = _set_trainable(model, cfg)
+    _set_trainable(model, cfg)
     result = TrainResult(history=list(resume["history"]) if resume else [])
     t0 = time.perf_counter()
     run = _train_layerwise if cfg.mode == "layerwise" else _train_end2end
-    run(accelerator, model, teacher, data, cfg, params, ckpt, resume, result, callbacks, progress)
+    run(accelerator, model, teacher, data, cfg, ckpt, resume, result, callbacks, progress)
     model.eval()
     result.seconds = time.perf_counter() - t0
     return result
@@ -457,7 +474,7 @@ def _eval_fn(model: nn.Module, data: TrainData) -> Callable[[], dict] | None:
     return lambda: {"heldout_ppl": perplexity(model, data.heldout.reshape(-1), window=data.heldout.shape[1])}
 
 
-def _train_end2end(accelerator, model, teacher, data, cfg, params, ckpt, resume, result, callbacks, progress):
+def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result, callbacks, progress):
     blocks = [b for _, b in moe_layers(model)]
     teacher_ffns = [m for _, m in find_ffns(teacher)]
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -501,8 +518,8 @@ def _train_end2end(accelerator, model, teacher, data, cfg, params, ckpt, resume,
         return loss, ids.numel()
 
     state = {"layer": None}
-    _run_loop(accelerator, wrapped, params, batch_fn, loss_fn, cfg, ckpt, state, result, "end2end", callbacks,
-              _eval_fn(model, data), resume)
+    _run_loop(accelerator, wrapped, _param_groups(blocks, cfg), batch_fn, loss_fn, cfg, ckpt, state, result,
+              "end2end", callbacks, _eval_fn(model, data), resume)
 
 
 @torch.no_grad()
@@ -524,7 +541,7 @@ def cache_ffn_activations(teacher: nn.Module, windows: torch.Tensor, batch: int 
     return [(torch.cat(xs), torch.cat(ys)) for xs, ys in cache]
 
 
-def _train_layerwise(accelerator, model, teacher, data, cfg, params, ckpt, resume, result, callbacks, progress):
+def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, result, callbacks, progress):
     layers = moe_layers(model)
     teacher_ffns = [m for _, m in find_ffns(teacher)]
     n_windows = max(1, min(data.train.shape[0], cfg.layerwise_tokens // data.train.shape[1]))
@@ -554,13 +571,12 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, params, ckpt, resum
         state = {"layer": li}
         # A checkpoint written mid-layer carries that layer's optimizer; one written between layers does not.
         layer_resume = resume if (resume is not None and li == first and resume["optimizer"] is not None) else None
-        _run_loop(accelerator, block, [p for p in block.parameters() if p.requires_grad], batch_fn, loss_fn, cfg,
+        _run_loop(accelerator, block, _param_groups([block], cfg), batch_fn, loss_fn, cfg,
                   _LayerCheckpointer(ckpt, model), state, result, f"layer {li}", callbacks, None, layer_resume)
         block.eval()
         # Mark the layer done, so a resume starts at the next one.
         ckpt.save({"layer": li + 1, "step": 0, "optimizer": None, "scheduler": None,
                    "params": _trainable_state(model), "history": result.history})
-    # NOTE: `params` (every trainable tensor) is unused here: each block trains alone on its own.
 
 
 class _LayerCheckpointer(Checkpointer):

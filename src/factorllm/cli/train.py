@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="end2end: run the whole teacher every step instead of keeping each window's hidden states")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (per layer when layerwise)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--router-lr", type=float, default=None,
+                   help="the routers' learning rate where it differs from --lr (e.g. experts 1e-4, routers 1e-3)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per step (end2end)")
     p.add_argument("--token-batch", type=int, default=1024, help="tokens per step (layerwise)")
     p.add_argument("--eval-every", type=int, default=0)
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         switch_weight=args.switch_weight, ref_balance_weight=args.ref_balance_weight, recon_weight=recon,
         lm_weight=args.lm_weight, distill_weight=distill, straight_through=args.straight_through,
         cache_teacher=not args.no_teacher_cache,
-        max_steps=args.steps, lr=args.lr, batch_size=args.batch_size, token_batch=args.token_batch,
+        max_steps=args.steps, lr=args.lr, router_lr=args.router_lr, batch_size=args.batch_size,
+        token_batch=args.token_batch,
         layerwise_tokens=args.tokens, eval_every=args.eval_every, save_every=args.save_every,
         output_dir=str(out), resume=args.resume, seed=args.seed,
     )
