@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--router-hidden", type=int, default=128, help="mlp router: hidden width")
     ap.add_argument("--shared-neurons", type=int, default=0,
                     help="an always-on shared expert of this many neurons; k is lowered to keep the FFN compute")
+    ap.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                    help="layers whose FFN stays dense; the others' k is lowered to keep the mean FFN compute")
     ap.add_argument("--router-loss", choices=["pa", "bce"], default="pa",
                     help="layer-wise router loss against the pseudo-labels: PA (KL, the paper's) or per-expert BCE")
     ap.add_argument("--train-tokens", type=int, default=16384)
@@ -70,12 +73,15 @@ def main() -> int:
     budget_s = args.minutes * 60 / stages
     rows = []
     for frac in args.fractions:
-        width = dense.config.intermediate_size
+        width, layers = dense.config.intermediate_size, dense.config.num_hidden_layers
         per_expert = (width - args.shared_neurons) / args.experts
-        k = routed_k(frac, width, args.shared_neurons, args.experts)
+        n_dense = len(set(args.dense_layers))
+        sparse_frac = (frac * layers - n_dense) / (layers - n_dense)  # what the factorized layers may use
+        k = routed_k(sparse_frac, width, args.shared_neurons, args.experts)
         cfg = FactorConfig(args.experts, k, partition=args.partition, gating=args.gating, router=args.router,
-                           router_hidden=args.router_hidden, shared_neurons=args.shared_neurons)
-        compute = (args.shared_neurons + k * per_expert) / width
+                           router_hidden=args.router_hidden, shared_neurons=args.shared_neurons,
+                           dense_layers=tuple(args.dense_layers))
+        compute = (n_dense + (layers - n_dense) * (args.shared_neurons + k * per_expert) / width) / layers
         model = convert_(copy.deepcopy(dense), cfg, calib=calib, progress=False)
         router_terms = {"pa": {"pa_weight": 1.0}, "bce": {"pa_weight": 0.0, "bce_weight": 1.0}}[args.router_loss]
         for stage, tcfg in (
@@ -103,6 +109,7 @@ def main() -> int:
             row = {"experts": args.experts, "top_k": k, "partition": args.partition, "gating": args.gating,
                    "train_data": args.train_data,
                    "router": args.router, "router_loss": args.router_loss, "shared_neurons": args.shared_neurons,
+                   "dense_layers": list(cfg.dense_layers),
                    "lr": tcfg.lr, "router_lr": tcfg.router_lr,
                    "ffn_compute": compute,
                    "stage": stage, "steps": steps, "train_minutes": minutes,
@@ -137,9 +144,14 @@ def heldout_ids(tok, window: int, count: int) -> dict[str, torch.Tensor]:
 
 
 def routed_k(fraction: float, width: int, shared: int, experts: int) -> int:
-    """k such that the shared neurons plus k of the equal routed experts are `fraction` of the FFN's width."""
+    """The largest k such that the shared neurons plus k of the equal routed experts are at most `fraction` of
+    the FFN's width (at least 1).
+
+    NOTE: rows measured before 2026-12-01 rounded to the nearest k instead: 25% with 256 shared neurons and 128
+    experts ran k = 13 (25.1% of the FFN); it is 12 now (24.5%). 50% is k = 51 either way.
+    """
     per_expert = (width - shared) / experts
-    return max(1, round((fraction * width - shared) / per_expert))
+    return max(1, math.floor((fraction * width - shared) / per_expert + 1e-9))
 
 
 def mixed_windows(corpora: list[torch.Tensor], window: int, count: int, seed: int) -> torch.Tensor:

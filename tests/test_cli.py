@@ -8,17 +8,19 @@ import sys
 import pytest
 import torch
 
-from factorllm import load
+from factorllm import load, moe_layers
 from factorllm.cli.main import main
 
 
 def test_convert_writes_a_loadable_model_with_tokenizer(tiny_folder, tmp_path):
     out = tmp_path / "moe"
     rc = main(["convert", "--model", str(tiny_folder), "--experts", "4", "--top-k", "2",
-               "--partition", "coactivation", "--calib-tokens", "256", "--calib-window", "64", "--output", str(out)])
+               "--partition", "coactivation", "--calib-tokens", "256", "--calib-window", "64", "--output", str(out),
+               "--dense-layers", "0"])
     assert rc == 0
     model, tok = load(out)
     assert tok is not None and model.factor_config.partition == "coactivation"
+    assert model.factor_config.dense_layers == (0,) and [n for n, _ in moe_layers(model)] == ["model.layers.1.mlp"]
     with torch.no_grad():
         assert model(input_ids=torch.tensor([tok("Amen.")["input_ids"]])).logits.isfinite().all()
 

@@ -9,6 +9,7 @@ import torch
 from conftest import FAMILIES, FFN, tiny_model, token_batch
 
 from factorllm import FactorConfig, convert_, moe_layers, set_routing_
+from factorllm.adapters import find_ffns
 from factorllm.partition import PARTITIONS
 
 CALIB = [token_batch(2, 32, seed=1)]
@@ -40,6 +41,31 @@ def test_shared_expert_and_unequal_sizes_reproduce_dense(family):
     assert block.shared.sizes == [8] and block.experts.sizes == [8, 16, 32]
     with torch.no_grad():
         torch.testing.assert_close(moe(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dense_layers_keep_their_ffn_and_the_other_layers_are_cut_as_in_a_full_conversion(family):
+    dense = tiny_model(family)
+    names = [n for n, _ in find_ffns(dense)]
+    student = copy.deepcopy(dense)
+    kept = student.get_submodule(names[0])
+    moe = convert_(student, FactorConfig(4, 4, gating="sum", dense_layers=(0,)), progress=False)
+    assert moe.get_submodule(names[0]) is kept and [n for n, _ in moe_layers(moe)] == names[1:]
+    full = convert_(copy.deepcopy(dense), FactorConfig(4, 4, gating="sum"), progress=False)
+    a, b = moe.get_submodule(names[1]), full.get_submodule(names[1])  # same partition and router seed (layer 1's)
+    assert torch.equal(a.neuron_index, b.neuron_index)
+    assert all(torch.equal(p, q) for p, q in zip(a.router.parameters(), b.router.parameters(), strict=True))
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layers,msg", [((2,), "the model has layers 0..1"), ((0, 1), "leaves no layer")])
+def test_dense_layers_out_of_range_or_all_are_clear_errors(llama, layers, msg):
+    with pytest.raises(ValueError, match=msg):
+        convert_(llama, FactorConfig(4, 2, dense_layers=layers), progress=False)
+    with pytest.raises(ValueError, match="layer indices >= 0"):
+        FactorConfig(4, 2, dense_layers=(-1,))
 
 
 def test_oracle_with_all_experts_is_dense_and_fewer_experts_change_output(llama):

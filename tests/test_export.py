@@ -24,6 +24,7 @@ EXPORTABLE = [
     ("qwen2", "qwen2_moe", FactorConfig(4, 2, gating="softmax_renorm", router="linear_nobias")),
     ("qwen2", "qwen2_moe", FactorConfig(8, 3, gating="softmax", router="linear_nobias", shared_neurons=32,
                                         partition="importance")),
+    ("llama", "qwen2_moe", FactorConfig(4, 2, gating="softmax_renorm", router="linear_nobias", dense_layers=(0,))),
 ]
 
 
@@ -107,6 +108,8 @@ def test_gguf_rope_rows_are_llama_cpp_order():
     ("llama", "mixtral", FactorConfig(4, 2, gating="oracle"), "pick a real gating"),
     ("llama", "mixtral", FactorConfig(4, 2, gating="softmax_renorm", router="mlp"), "router='linear_nobias'"),
     ("llama-bias", "mixtral", FactorConfig(4, 2, gating="softmax_renorm"), "without mlp_bias"),
+    ("llama", "mixtral", FactorConfig(4, 2, gating="softmax_renorm", dense_layers=(1,)), "layer 1 is dense.*qwen2_moe"),
+    ("llama", "gguf", FactorConfig(4, 2, gating="softmax_renorm", dense_layers=(0,)), "layer 0 is dense"),
 ])
 def test_refusals_name_the_fix(tmp_path, family, fmt, cfg, message):
     model = convert_(tiny_model(family), cfg, calib=CALIB, progress=False)

@@ -16,6 +16,7 @@ from factorllm import FactorConfig, convert_, load, load_model, save
     ("llama", FactorConfig(8, 2, partition="coactivation", gating="softmax_renorm", router="mlp")),
     ("gpt2", FactorConfig(4, 1, partition="kmeans", gating="hard", shared_neurons=16)),
     ("qwen2", FactorConfig(3, 2, partition="random", expert_sizes=(8, 24, 32), gating="softmax")),
+    ("llama", FactorConfig(4, 2, gating="sum", dense_layers=(1,))),
 ])
 def test_save_load_same_logits(tmp_path, family, cfg):
     model = convert_(tiny_model(family), cfg, calib=[token_batch(2, 32, seed=1)], progress=False)

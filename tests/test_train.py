@@ -58,6 +58,33 @@ def test_pa_labels_come_from_each_layers_real_input():
     assert not torch.equal(got, buggy)
 
 
+def test_with_dense_layers_each_block_is_paired_with_its_own_layers_teacher_ffn():
+    student, dense = _pair(FactorConfig(4, 2, gating="softmax_renorm", dense_layers=(0,)))
+    ids = _windows(2)
+    (got,) = routing_targets(student, dense, ids, "factorllm")
+    seen = []
+    h = student.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        student(input_ids=ids)
+    h.remove()
+    block = student.model.layers[1].mlp
+    assert torch.equal(got, pa_labels(block, dense.model.layers[1].mlp, seen[0], "factorllm"))
+    assert not torch.equal(got, pa_labels(block, dense.model.layers[0].mlp, seen[0], "factorllm"))  # by position
+    # Both modes train the one block and leave the dense layer as it was.
+    layer0 = copy.deepcopy(student.model.layers[0].mlp.state_dict())
+    before = _trained_state(student)
+    for cfg in (TrainConfig(max_steps=3, token_batch=32, layerwise_tokens=64, train_experts=True, recon_weight=1.0,
+                            save_every=0),
+                TrainConfig(mode="end2end", train_experts=True, distill_weight=1.0, pa_weight=0.1, max_steps=2,
+                            batch_size=2, save_every=0)):
+        res = train(student, dense, TrainData(_windows(4)), cfg, progress=False)
+        assert {r["stage"] for r in res.history} == {"layer 1" if cfg.mode == "layerwise" else "end2end"}
+    after = _trained_state(student)
+    moved = [n for n in after if n.endswith(("router.net.weight", "experts.w_in"))]
+    assert len(moved) == 2 and all(not torch.equal(before[n], after[n]) for n in moved)
+    assert all(torch.equal(v, student.model.layers[0].mlp.state_dict()[k]) for k, v in layer0.items())
+
+
 def test_pa_loss_of_batch_four_is_mean_of_four_single_losses():
     student, dense = _pair()
     ids = _windows(4)

@@ -25,6 +25,9 @@ class FactorConfig:
         expert_sizes: optional unequal expert widths (one per expert, summing to the FFN width minus
             `shared_neurons`); equal widths by default.
         router_hidden: hidden width of the `mlp` router.
+        dense_layers: decoder layers (0-based) whose FFN stays dense, as DeepSeek's first dense layers and
+            Qwen2-MoE's `mlp_only_layers`: a layer whose router cannot predict its experts (SmolLM2's layer 0)
+            costs more quality than its share of the compute.
 
     Example:
         >>> FactorConfig(num_experts=8, top_k=2, partition="coactivation")
@@ -39,6 +42,7 @@ class FactorConfig:
     seed: int = 0
     expert_sizes: tuple[int, ...] | None = None
     router_hidden: int = 128
+    dense_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Imported here: the registries live beside the strategies they hold, and those modules import torch.
@@ -65,10 +69,14 @@ class FactorConfig:
                     f"expert_sizes={sizes} must hold num_experts={self.num_experts} positive widths"
                 )
             object.__setattr__(self, "expert_sizes", sizes)
+        dense = tuple(sorted({int(i) for i in self.dense_layers}))
+        if any(i < 0 for i in dense):
+            raise ValueError(f"dense_layers={self.dense_layers} must be layer indices >= 0")
+        object.__setattr__(self, "dense_layers", dense)
 
     @property
     def ffn_compute_fraction(self) -> float:
-        """Share of the dense FFN's neurons a token runs, for equal experts and no shared expert."""
+        """Share of the dense FFN's neurons a token runs, for equal experts, no shared expert, no dense layer."""
         return self.top_k / self.num_experts
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,4 +91,5 @@ class FactorConfig:
         data = dict(data)
         if data.get("expert_sizes") is not None:
             data["expert_sizes"] = tuple(data["expert_sizes"])
+        data["dense_layers"] = tuple(data.get("dense_layers", ()))
         return cls(**data)

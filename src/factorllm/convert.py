@@ -23,6 +23,8 @@ def convert_(
 ) -> nn.Module:
     """Replaces every decoder layer's FFN by a `MoEFeedForward`, in place, without changing a weight.
 
+    The layers in `config.dense_layers` keep their dense FFN module as it is.
+
     With `top_k == num_experts` and `hard` gating the converted model computes the dense model's function.
 
     Args:
@@ -40,6 +42,12 @@ def convert_(
         >>> factorllm.convert_(model, FactorConfig(8, 2, partition="coactivation"), calib=[ids[:2048]])
     """
     ffns = find_ffns(model)  # fails fast on an unsupported or already converted model
+    if config.dense_layers and config.dense_layers[-1] >= len(ffns):
+        raise ValueError(f"dense_layers={config.dense_layers}: the model has layers 0..{len(ffns) - 1}")
+    if len(config.dense_layers) == len(ffns):
+        raise ValueError(f"dense_layers={config.dense_layers} leaves no layer to factorize; keep some out of it")
+    layers = [i for i in range(len(ffns)) if i not in config.dense_layers]  # the layers to factorize
+    ffns = [ffns[i] for i in layers]
     strategy = PARTITIONS.get(config.partition)
     needs_calib = strategy.needs_calibration or config.shared_neurons > 0
     if needs_calib and not calib:
@@ -52,9 +60,8 @@ def convert_(
     plans = [_expert_sizes(w, config) for w in widths]  # fails fast, before any data is run
 
     activations = collect_activations(model, ffns, calib, progress) if needs_calib else {}
-    for layer, ((name, mlp), sizes) in enumerate(
-        tqdm(list(zip(ffns, plans, strict=True)), desc="factorizing FFNs", disable=not progress)
-    ):
+    for layer, (name, mlp), sizes in tqdm(list(zip(layers, ffns, plans, strict=True)), desc="factorizing FFNs",
+                                          disable=not progress):
         ffn = adapter_for(mlp).read(mlp)
         acts = activations.pop(name, None)
         neurons = torch.arange(ffn.width)

@@ -240,7 +240,7 @@ def trace_routing(model: nn.Module) -> Iterator[list[LayerTrace]]:
 def routing_targets(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, method: str) -> list[torch.Tensor]:
     """PA labels of every layer for a batch of ids [B, S], each from that layer's real input in the student."""
     blocks = [b for _, b in moe_layers(model)]
-    teacher_ffns = [m for _, m in find_ffns(teacher)]
+    teacher_ffns = teacher_ffns_of(model, teacher)
     with torch.no_grad(), trace_routing(model) as traces:
         model(input_ids=ids, use_cache=False)
     return [pa_labels(b, t, tr.inputs, method) for b, t, tr in zip(blocks, teacher_ffns, traces, strict=True)]
@@ -271,14 +271,24 @@ def check_teacher(model: nn.Module, teacher: nn.Module) -> None:
             raise ValueError(f"teacher does not match the student: {key} {getattr(t, key, None)} != "
                              f"{getattr(s, key, None)}; pass the dense model the student was converted from")
     try:
-        teacher_ffns = find_ffns(teacher)
+        teacher_ffns = dict(find_ffns(teacher))
     except ValueError as err:
         raise ValueError(f"the teacher must be the dense model: {err}") from err
-    for (name, block), (_, ffn) in zip(moe_layers(model), teacher_ffns, strict=False):
+    for name, block in moe_layers(model):
+        if name not in teacher_ffns:
+            raise ValueError(f"teacher does not match the student: it has no FFN at {name}; pass the dense model "
+                             "the student was converted from")
+        ffn = teacher_ffns[name]
         width = adapter_for(ffn).read(ffn).width
         if len(block.neuron_index) != width:
             raise ValueError(f"teacher does not match the student at {name}: FFN width {width} != "
                              f"{len(block.neuron_index)}; pass the dense model the student was converted from")
+
+
+def teacher_ffns_of(model: nn.Module, teacher: nn.Module) -> list[nn.Module]:
+    """The teacher's dense FFN for each MoE block of the student, in block order (matched by module name: layers
+    kept dense, `FactorConfig.dense_layers`, have no block)."""
+    return [teacher.get_submodule(name) for name, _ in moe_layers(model)]
 
 
 def _check_window(model: nn.Module, data: TrainData) -> None:
@@ -476,7 +486,7 @@ def _eval_fn(model: nn.Module, data: TrainData) -> Callable[[], dict] | None:
 
 def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result, callbacks, progress):
     blocks = [b for _, b in moe_layers(model)]
-    teacher_ffns = [m for _, m in find_ffns(teacher)]
+    teacher_ffns = teacher_ffns_of(model, teacher)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
@@ -523,10 +533,13 @@ def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result,
 
 
 @torch.no_grad()
-def cache_ffn_activations(teacher: nn.Module, windows: torch.Tensor, batch: int = 4,
-                          progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each dense FFN's real input and output on the windows: a list over layers of (x [T, D], y [T, D])."""
-    ffns = find_ffns(teacher)
+def cache_ffn_activations(teacher: nn.Module, windows: torch.Tensor, batch: int = 4, progress: bool = True,
+                          names: Sequence[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each dense FFN's real input and output on the windows: a list over layers of (x [T, D], y [T, D]).
+
+    `names`: only the FFNs of these qualified names, in this order (default: every layer's).
+    """
+    ffns = find_ffns(teacher) if names is None else [(n, teacher.get_submodule(n)) for n in names]
     cache: list[tuple[list, list]] = [([], []) for _ in ffns]
     handles = []
     for (_, m), (xs, ys) in zip(ffns, cache, strict=True):
@@ -543,9 +556,11 @@ def cache_ffn_activations(teacher: nn.Module, windows: torch.Tensor, batch: int 
 
 def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, result, callbacks, progress):
     layers = moe_layers(model)
-    teacher_ffns = [m for _, m in find_ffns(teacher)]
+    teacher_ffns = teacher_ffns_of(model, teacher)
+    numbers = {name: i for i, (name, _) in enumerate(find_ffns(teacher))}  # dense layers have no block
     n_windows = max(1, min(data.train.shape[0], cfg.layerwise_tokens // data.train.shape[1]))
-    cache = cache_ffn_activations(teacher, data.train[:n_windows], progress=progress)
+    cache = cache_ffn_activations(teacher, data.train[:n_windows], progress=progress,
+                                  names=[name for name, _ in layers])
     first = 0 if resume is None else resume["layer"]
     for li in tqdm(range(first, len(layers)), desc="layers", disable=not progress or not accelerator.is_main_process):
         name, block = layers[li]
@@ -572,7 +587,8 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, resul
         # A checkpoint written mid-layer carries that layer's optimizer; one written between layers does not.
         layer_resume = resume if (resume is not None and li == first and resume["optimizer"] is not None) else None
         _run_loop(accelerator, block, _param_groups([block], cfg), batch_fn, loss_fn, cfg,
-                  _LayerCheckpointer(ckpt, model), state, result, f"layer {li}", callbacks, None, layer_resume)
+                  _LayerCheckpointer(ckpt, model), state, result, f"layer {numbers[name]}", callbacks, None,
+                  layer_resume)
         block.eval()
         # Mark the layer done, so a resume starts at the next one.
         ckpt.save({"layer": li + 1, "step": 0, "optimizer": None, "scheduler": None,

@@ -20,6 +20,8 @@ def add_factor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gating", default="hard", choices=GATINGS.names())
     p.add_argument("--router", default="linear", choices=ROUTERS.names())
     p.add_argument("--shared-neurons", type=int, default=0, help="always-on shared expert width (default 0)")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                   help="0-based layers whose FFN stays dense (e.g. --dense-layers 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-data", default="kjv",
                    help="calibration text: kjv, kjv-heldout, pydoc, a text file, a folder of .txt, or a HF dataset")
@@ -32,7 +34,7 @@ def factor_config_from_args(args: argparse.Namespace):
 
     return FactorConfig(
         num_experts=args.experts, top_k=args.top_k, partition=args.partition, gating=args.gating,
-        router=args.router, shared_neurons=args.shared_neurons, seed=args.seed,
+        router=args.router, shared_neurons=args.shared_neurons, seed=args.seed, dense_layers=tuple(args.dense_layers),
     )
 
 
