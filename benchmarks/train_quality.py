@@ -76,7 +76,8 @@ def main() -> int:
         width, layers = dense.config.intermediate_size, dense.config.num_hidden_layers
         per_expert = (width - args.shared_neurons) / args.experts
         n_dense = len(set(args.dense_layers))
-        sparse_frac = (frac * layers - n_dense) / (layers - n_dense)  # what the factorized layers may use
+        # what the factorized layers may use; NOTE: max(1, ...) so that all layers dense reaches convert_'s error
+        sparse_frac = (frac * layers - n_dense) / max(1, layers - n_dense)
         k = routed_k(sparse_frac, width, args.shared_neurons, args.experts)
         cfg = FactorConfig(args.experts, k, partition=args.partition, gating=args.gating, router=args.router,
                            router_hidden=args.router_hidden, shared_neurons=args.shared_neurons,
