@@ -1,10 +1,15 @@
 """How much quality training gives back: SmolLM2 factorized, routers trained with the PA loss, then experts.
 
-For 25% and 50% of FFN compute, two stages (router only; router + experts, continued from the first), each
-evaluated on held-out KJV books and on CPython's documentation (never trained on) against dense, the oracle
-router on the same experts, and a random router on the same experts.
+For 25% and 50% of FFN compute, three stages, each continued from the last: routers alone (layer-wise, PA loss),
+router + experts (layer-wise, reconstruction), then routers and experts end to end (logit distillation from the
+dense teacher); each evaluated on held-out KJV books and on CPython's documentation (never trained on) against
+dense, the oracle router on the same experts, and a random router on the same experts.
 
-    python benchmarks/train_quality.py --minutes 30 --json results/train_quality.json
+The defaults are the best recipe measured (README, "Training"): 128 `importance` experts, a shared expert of 256
+neurons, an MLP router, layer 0 dense, 32k tokens of KJV + Python source, a quarter of the minutes layer-wise and
+three quarters end to end at rate 3e-4.
+
+    python benchmarks/train_quality.py --minutes 28 --json results/train_quality.json   # 28 minutes per fraction
 """
 
 from __future__ import annotations
@@ -28,38 +33,53 @@ from factorllm.train import TrainConfig, TrainData, train
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--minutes", type=float, default=30.0, help="training budget over all configurations")
-    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--minutes", type=float, default=28.0,
+                    help="training minutes per FFN fraction, all stages together (the probes that size the "
+                         "layer-wise stages and the evaluations come on top)")
+    ap.add_argument("--e2e-share", type=float, default=0.75,
+                    help="the end-to-end stage's share of --minutes; the two layer-wise stages split the rest (0: "
+                         "skip the end-to-end stage)")
+    ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--partition", default="importance")
     ap.add_argument("--gating", default="sum")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--router", default="linear_nobias", help="router network (linear_nobias, linear, mlp)")
+    ap.add_argument("--router", default="mlp", help="router network (mlp, linear_nobias, linear)")
     ap.add_argument("--router-hidden", type=int, default=128, help="mlp router: hidden width")
-    ap.add_argument("--shared-neurons", type=int, default=0,
+    ap.add_argument("--shared-neurons", type=int, default=256,
                     help="an always-on shared expert of this many neurons; k is lowered to keep the FFN compute")
-    ap.add_argument("--dense-layers", type=int, nargs="*", default=[],
-                    help="layers whose FFN stays dense; the others' k is lowered to keep the mean FFN compute")
+    ap.add_argument("--dense-layers", type=int, nargs="*", default=[0],
+                    help="layers whose FFN stays dense; the others' k is lowered to keep the mean FFN compute "
+                         "(the flag alone: none)")
     ap.add_argument("--router-loss", choices=["pa", "bce"], default="pa",
                     help="layer-wise router loss against the pseudo-labels: PA (KL, the paper's) or per-expert BCE")
-    ap.add_argument("--train-tokens", type=int, default=16384)
-    ap.add_argument("--train-data", default="kjv",
+    ap.add_argument("--train-tokens", type=int, default=32768)
+    ap.add_argument("--train-data", default="kjv+python-source",
                     help="training corpora, '+'-joined, windows drawn equally from each: kjv, python-source (CPython's "
                          "standard library code, never the held-out docs), a text file or folder")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--router-lr", type=float, default=3e-3)
     ap.add_argument("--expert-lr", type=float, default=3e-4)
-    ap.add_argument("--e2e-minutes", type=float, default=0.0,
-                    help="per fraction: a third stage, end-to-end logit distillation of routers and experts from "
-                         "the dense teacher, for this many minutes (0: skip)")
-    ap.add_argument("--e2e-lr", type=float, default=1e-4)
+    ap.add_argument("--e2e-lr", type=float, default=3e-4,
+                    help="end-to-end stage's rate (1e-4 before 2026-12-01: 3e-4 gained 3%% in the same steps, 1e-3 "
+                         "was unstable)")
     ap.add_argument("--e2e-router-lr", type=float, default=None,
                     help="end-to-end stage: the routers' learning rate where it differs from --e2e-lr")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    if args.minutes <= 0 or not 0 <= args.e2e_share < 1:
+        ap.error(f"--minutes must be > 0 and --e2e-share in [0, 1), got {args.minutes} and {args.e2e_share}")
     t_start = time.time()
 
     dense, tok = load_model(args.model)
+    width, layers = dense.config.intermediate_size, dense.config.num_hidden_layers
+    plans = {frac: plan_k(frac, width, layers, args.shared_neurons, args.experts, len(set(args.dense_layers)))
+             for frac in args.fractions}  # fraction -> (k, FFN compute)
+    for frac, (k, compute) in plans.items():
+        if compute > frac + 0.005 and len(set(args.dense_layers)) < layers:  # all dense: convert_ says so
+            sys.exit(f"at {frac:.0%} of the FFN compute this block needs {compute:.1%} with k = {k} (the shared "
+                     f"expert and the dense layers {sorted(set(args.dense_layers))} leave no room): lower "
+                     "--shared-neurons, keep fewer --dense-layers, or raise --fractions")
     corpora = [tokenize(tok, load_text(name)) for name in args.train_data.split("+")]  # once: train and calib
     train_w = mixed_windows(corpora, args.window, args.train_tokens // args.window, seed=0)
     calib = list(mixed_windows(corpora, args.window, 8, seed=1).split(4))
@@ -68,21 +88,16 @@ def main() -> int:
     dense_ppl = ppl(dense)
     log(f"dense {dense_ppl}")
 
-    # The budget is spread over the configurations; each stage gets steps sized from a timed first layer.
-    stages = len(args.fractions) * 2
-    budget_s = args.minutes * 60 / stages
+    # Each fraction gets --minutes: the end-to-end stage runs for its share (checked after each step); each
+    # layer-wise stage gets half the rest, in steps sized from a timed first layer.
+    e2e_s = args.minutes * 60 * args.e2e_share
+    budget_s = (args.minutes * 60 - e2e_s) / 2
     rows = []
     for frac in args.fractions:
-        width, layers = dense.config.intermediate_size, dense.config.num_hidden_layers
-        per_expert = (width - args.shared_neurons) / args.experts
-        n_dense = len(set(args.dense_layers))
-        # what the factorized layers may use; NOTE: max(1, ...) so that all layers dense reaches convert_'s error
-        sparse_frac = (frac * layers - n_dense) / max(1, layers - n_dense)
-        k = routed_k(sparse_frac, width, args.shared_neurons, args.experts)
+        k, compute = plans[frac]
         cfg = FactorConfig(args.experts, k, partition=args.partition, gating=args.gating, router=args.router,
                            router_hidden=args.router_hidden, shared_neurons=args.shared_neurons,
                            dense_layers=tuple(args.dense_layers))
-        compute = (n_dense + (layers - n_dense) * (args.shared_neurons + k * per_expert) / width) / layers
         model = convert_(copy.deepcopy(dense), cfg, calib=calib, progress=False)
         router_terms = {"pa": {"pa_weight": 1.0}, "bce": {"pa_weight": 0.0, "bce_weight": 1.0}}[args.router_loss]
         for stage, tcfg in (
@@ -98,9 +113,9 @@ def main() -> int:
         ):
             t0 = time.time()
             if tcfg.mode == "end2end":
-                if args.e2e_minutes <= 0:
+                if e2e_s <= 0:
                     continue
-                steps = timed_train(model, dense, train_w, tcfg, args.e2e_minutes * 60)
+                steps = timed_train(model, dense, train_w, tcfg, e2e_s)
             else:
                 steps = steps_for_budget(model, dense, train_w, tcfg, budget_s)
                 tcfg = TrainConfig(**{**tcfg.__dict__, "max_steps": steps})
@@ -142,6 +157,16 @@ def heldout_ids(tok, window: int, count: int) -> dict[str, torch.Tensor]:
     """The held-out evaluation tokens: `count` windows each of the Python docs and of KJV's held-out books."""
     return {"pydoc": windows(tokenize(tok, pydoc_text()), window, count, seed=0).reshape(-1),
             "kjv": windows(tokenize(tok, kjv_text("heldout")), window, count, seed=0).reshape(-1)}
+
+
+def plan_k(fraction: float, width: int, layers: int, shared: int, experts: int, n_dense: int) -> tuple[int, float]:
+    """k for the factorized layers, such that the mean FFN compute over all layers (the `n_dense` dense ones at
+    1) is at most `fraction`, and that mean compute."""
+    # NOTE: max(1, ...) so that all layers dense reaches convert_'s error
+    sparse_frac = (fraction * layers - n_dense) / max(1, layers - n_dense)
+    k = routed_k(sparse_frac, width, shared, experts)
+    per_expert = (width - shared) / experts
+    return k, (n_dense + (layers - n_dense) * (shared + k * per_expert) / width) / layers
 
 
 def routed_k(fraction: float, width: int, shared: int, experts: int) -> int:

@@ -1,0 +1,49 @@
+"""benchmarks/train_quality.py's plumbing on a tiny model: its three stages and its JSON rows (not its numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_quality.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_train_quality_writes_one_row_per_stage_with_the_issues_keys(tiny_folder, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    out = tmp_path / "rows.json"
+    # The defaults' block (128 experts, 256 shared neurons, layer 0 dense) does not fit a 2-layer model of 64
+    # neurons: a smaller one, every layer factorized.
+    proc = _run("--model", str(tiny_folder), "--experts", "8", "--shared-neurons", "16", "--dense-layers",
+                "--fractions", "0.5", "--minutes", "0.05", "--window", "32", "--train-tokens", "256",
+                "--eval-windows", "1", "--train-data", str(text), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["stage"] for r in rows] == ["router", "router+experts", "router+experts, end2end"]
+    for r in rows:
+        assert (r["experts"], r["top_k"], r["partition"], r["dense_layers"]) == (8, 2, "importance", [])
+        assert r["ffn_compute"] == 0.4375  # (16 shared + 2 experts of 6) / 64
+        assert r["steps"] >= 1 and r["train_minutes"] > 0
+        for domain in ("pydoc", "kjv"):
+            assert set(r["ppl"][domain]) == {"dense", "trained", "oracle", "random"}
+            assert all(math.isfinite(v) and v > 1 for v in r["ppl"][domain].values())
+    assert proc.stdout.count("| 44% | router") == 3  # the printed table, a row per stage
+
+
+def test_train_quality_refuses_a_budget_it_cannot_keep(tiny_folder):
+    proc = _run("--model", str(tiny_folder), "--e2e-share", "1.0")
+    assert proc.returncode == 2 and "--e2e-share in [0, 1)" in proc.stderr
+    # Layer 0 dense is half of a 2-layer model's FFN compute: nothing is left for the other layer at 50%.
+    proc = _run("--model", str(tiny_folder), "--experts", "8", "--shared-neurons", "16", "--fractions", "0.5")
+    assert proc.returncode == 1
+    assert "at 50% of the FFN compute this block needs 67.2% with k = 1" in proc.stderr
+    assert "lower --shared-neurons, keep fewer --dense-layers" in proc.stderr
