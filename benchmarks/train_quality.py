@@ -73,10 +73,11 @@ def main() -> int:
 
     dense, tok = load_model(args.model)
     width, layers = dense.config.intermediate_size, dense.config.num_hidden_layers
-    plans = {frac: plan_k(frac, width, layers, args.shared_neurons, args.experts, len(set(args.dense_layers)))
+    n_dense = len(set(args.dense_layers))
+    plans = {frac: plan_k(frac, width, layers, args.shared_neurons, args.experts, n_dense)
              for frac in args.fractions}  # fraction -> (k, FFN compute)
     for frac, (k, compute) in plans.items():
-        if compute > frac + 0.005 and len(set(args.dense_layers)) < layers:  # all dense: convert_ says so
+        if compute > frac + 0.005 and n_dense < layers:  # all dense: convert_ says so
             sys.exit(f"at {frac:.0%} of the FFN compute this block needs {compute:.1%} with k = {k} (the shared "
                      f"expert and the dense layers {sorted(set(args.dense_layers))} leave no room): lower "
                      "--shared-neurons, keep fewer --dense-layers, or raise --fractions")
