@@ -7,6 +7,7 @@ from factorllm.export import export
 from factorllm.loading import load_model
 from factorllm.moe import MoEFeedForward, moe_layers, set_routing_
 from factorllm.serialization import load, save
+from factorllm.sparsity import SparsityConfig, sparsify_
 
 __all__ = [
     "FactorConfig",
@@ -19,5 +20,7 @@ __all__ = [
     "perplexity",
     "save",
     "set_routing_",
+    "sparsify_",
+    "SparsityConfig",
 ]
 __version__ = "0.1.0"

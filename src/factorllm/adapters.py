@@ -138,11 +138,14 @@ def find_ffns(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ValueError: the architecture or an FFN class is not supported, or the model is already factorized.
     """
     from factorllm.moe import MoEFeedForward
+    from factorllm.sparsity import SparseFFN
 
     prefix, layers = decoder_layers(model)
     ffns = [(f"{prefix}.{i}.mlp", layer.mlp) for i, layer in enumerate(layers)]
     if any(isinstance(m, MoEFeedForward) for _, m in ffns):
         raise ValueError("this model is already factorized; convert the dense model instead")
+    if any(isinstance(m, SparseFFN) for _, m in ffns):
+        raise ValueError("this model is already sparsified (factorllm.sparsify_); start from the dense model")
     for _, mlp in ffns:
         adapter_for(mlp)
     return ffns

@@ -35,6 +35,7 @@ from factorllm import losses
 from factorllm.adapters import adapter_for, find_ffns
 from factorllm.moe import MoEFeedForward, moe_layers
 from factorllm.router import RouterOutput
+from factorllm.sparsity import SparseFFN
 
 MODES = ("layerwise", "end2end")
 
@@ -240,7 +241,7 @@ def trace_routing(model: nn.Module) -> Iterator[list[LayerTrace]]:
 def routing_targets(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, method: str) -> list[torch.Tensor]:
     """PA labels of every layer for a batch of ids [B, S], each from that layer's real input in the student."""
     blocks = [b for _, b in moe_layers(model)]
-    teacher_ffns = teacher_ffns_of(model, teacher)
+    teacher_ffns = teacher_ffns_of(moe_layers(model), teacher)
     with torch.no_grad(), trace_routing(model) as traces:
         model(input_ids=ids, use_cache=False)
     return [pa_labels(b, t, tr.inputs, method) for b, t, tr in zip(blocks, teacher_ffns, traces, strict=True)]
@@ -274,21 +275,27 @@ def check_teacher(model: nn.Module, teacher: nn.Module) -> None:
         teacher_ffns = dict(find_ffns(teacher))
     except ValueError as err:
         raise ValueError(f"the teacher must be the dense model: {err}") from err
-    for name, block in moe_layers(model):
+    for name, block in ffn_blocks(model):
         if name not in teacher_ffns:
             raise ValueError(f"teacher does not match the student: it has no FFN at {name}; pass the dense model "
                              "the student was converted from")
         ffn = teacher_ffns[name]
         width = adapter_for(ffn).read(ffn).width
-        if len(block.neuron_index) != width:
+        if (block.width if isinstance(block, SparseFFN) else len(block.neuron_index)) != width:
             raise ValueError(f"teacher does not match the student at {name}: FFN width {width} != "
                              f"{len(block.neuron_index)}; pass the dense model the student was converted from")
 
 
-def teacher_ffns_of(model: nn.Module, teacher: nn.Module) -> list[nn.Module]:
-    """The teacher's dense FFN for each MoE block of the student, in block order (matched by module name: layers
+def teacher_ffns_of(blocks: Sequence[tuple[str, nn.Module]], teacher: nn.Module) -> list[nn.Module]:
+    """The teacher's dense FFN for each `(name, block)` of the student, in order (matched by module name: layers
     kept dense, `FactorConfig.dense_layers`, have no block)."""
-    return [teacher.get_submodule(name) for name, _ in moe_layers(model)]
+    return [teacher.get_submodule(name) for name, _ in blocks]
+
+
+def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(qualified name, block)` of every trainable FFN block, in layer order: MoE blocks (`factorllm.convert_`)
+    and activation-sparse FFNs (`factorllm.sparsify_`)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (MoEFeedForward, SparseFFN))]
 
 
 def _check_window(model: nn.Module, data: TrainData) -> None:
@@ -332,7 +339,8 @@ class Checkpointer:
 
 
 def _fingerprint(model: nn.Module, cfg: TrainConfig, data: TrainData) -> str:
-    blocks = [(n, b.experts.sizes, b.router.gating, b.router.top_k) for n, b in moe_layers(model)]
+    blocks = [(n, b.experts.sizes, b.router.gating, b.router.top_k) if isinstance(b, MoEFeedForward)
+              else (n, b.input_keep, b.neuron_keep) for n, b in ffn_blocks(model)]
     digest = hashlib.sha256(data.train.numpy().tobytes()).hexdigest()[:16]
     return json.dumps({"config": cfg.fingerprint(), "blocks": blocks, "data": digest})
 
@@ -403,9 +411,12 @@ def _trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
-    """Freezes everything but what `cfg` trains: the routers and/or the experts (shared expert included)."""
+    """Freezes everything but what `cfg` trains: the routers and/or the experts (shared expert included; an
+    activation-sparse FFN's weights count as experts)."""
     for p in model.parameters():
         p.requires_grad_(False)
+    for _, block in sparse_blocks(model):
+        block.requires_grad_(cfg.train_experts)
     for _, block in moe_layers(model):
         block.router.straight_through = cfg.straight_through
         for p in block.router.parameters():
@@ -415,9 +426,13 @@ def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
                 p.requires_grad_(cfg.train_experts)
 
 
-def _param_groups(blocks: Sequence[MoEFeedForward], cfg: TrainConfig) -> list[dict]:
+def sparse_blocks(model: nn.Module) -> list[tuple[str, SparseFFN]]:
+    return [(n, b) for n, b in ffn_blocks(model) if isinstance(b, SparseFFN)]
+
+
+def _param_groups(blocks: Sequence[nn.Module], cfg: TrainConfig) -> list[dict]:
     """AdamW groups of the blocks' trainable parameters: the routers' (at `router_lr` where set), the rest."""
-    router = [p for b in blocks for p in b.router.parameters() if p.requires_grad]
+    router = [p for b in blocks if isinstance(b, MoEFeedForward) for p in b.router.parameters() if p.requires_grad]
     ids = {id(p) for p in router}
     rest = [p for b in blocks for p in b.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": router, **({"lr": cfg.router_lr} if cfg.router_lr is not None else {})},
@@ -447,8 +462,11 @@ def train(model: nn.Module, teacher: nn.Module, data: TrainData | torch.Tensor, 
     from accelerate.utils import DistributedDataParallelKwargs
 
     data = data if isinstance(data, TrainData) else TrainData(data)
-    if not moe_layers(model):
-        raise ValueError("the model is not factorized; call factorllm.convert_ first")
+    if not ffn_blocks(model):
+        raise ValueError("the model is not factorized; call factorllm.convert_ (or factorllm.sparsify_) first")
+    if cfg.train_router and not moe_layers(model):
+        raise ValueError("the model has no routers (its FFNs are activation-sparse: factorllm.sparsify_); set "
+                         "train_router=False and train_experts=True")
     if any(b.router.gating == "oracle" for _, b in moe_layers(model)):
         raise ValueError("the oracle gating has no router to train; set a real gating with factorllm.set_routing_")
     check_teacher(model, teacher)
@@ -485,8 +503,8 @@ def _eval_fn(model: nn.Module, data: TrainData) -> Callable[[], dict] | None:
 
 
 def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result, callbacks, progress):
-    blocks = [b for _, b in moe_layers(model)]
-    teacher_ffns = teacher_ffns_of(model, teacher)
+    blocks = [b for _, b in moe_layers(model)]  # the routed ones
+    teacher_ffns = teacher_ffns_of(moe_layers(model), teacher)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
@@ -528,7 +546,8 @@ def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result,
         return loss, ids.numel()
 
     state = {"layer": None}
-    _run_loop(accelerator, wrapped, _param_groups(blocks, cfg), batch_fn, loss_fn, cfg, ckpt, state, result,
+    groups = _param_groups([b for _, b in ffn_blocks(model)], cfg)
+    _run_loop(accelerator, wrapped, groups, batch_fn, loss_fn, cfg, ckpt, state, result,
               "end2end", callbacks, _eval_fn(model, data), resume)
 
 
@@ -555,8 +574,8 @@ def cache_ffn_activations(teacher: nn.Module, windows: torch.Tensor, batch: int 
 
 
 def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, result, callbacks, progress):
-    layers = moe_layers(model)
-    teacher_ffns = teacher_ffns_of(model, teacher)
+    layers = ffn_blocks(model)
+    teacher_ffns = teacher_ffns_of(layers, teacher)
     numbers = {name: i for i, (name, _) in enumerate(find_ffns(teacher))}  # dense layers have no block
     n_windows = max(1, min(data.train.shape[0], cfg.layerwise_tokens // data.train.shape[1]))
     cache = cache_ffn_activations(teacher, data.train[:n_windows], progress=progress,
@@ -574,9 +593,10 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, resul
 
         def loss_fn(batch, block=block, ffn=teacher_ffns[li]):
             x, y = batch
-            rout = block.router(x)
             loss = x.new_zeros(())
-            if cfg.train_router or cfg.switch_weight or cfg.ref_balance_weight:
+            routed = isinstance(block, MoEFeedForward)
+            if routed and (cfg.train_router or cfg.switch_weight or cfg.ref_balance_weight):
+                rout = block.router(x)
                 labels = pa_labels(block, ffn, x, cfg.pseudo_label) if (cfg.pa_weight or cfg.bce_weight) else None
                 loss = loss + router_loss(cfg, rout.logits, rout.indices, labels, block.router.top_k)
             if cfg.recon_weight:

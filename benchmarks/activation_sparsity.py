@@ -1,0 +1,125 @@
+"""Activation sparsity (TEAL/CATS-style, `factorllm.sparsify_`) on SmolLM2 at the FFN fractions of
+`train_quality.py`: training-free, then its FFN weights fine-tuned end to end by logit distillation.
+
+Each token keeps its largest hidden channels for the gate/up projections and its largest neurons for the down
+projection (`factorllm.sparsity`); no router. For each FFN fraction, `input_keep` is chosen from a grid by the
+distillation loss on two training windows (never the held-out text), and `neuron_keep` follows from the fraction.
+Held-out perplexity on the Python docs and KJV's held-out books against dense and against the per-neuron oracle
+(each token's exact top neurons by |h| * ||w_out||, the whole fraction spent on neurons: what routing at neuron
+granularity could reach with a perfect predictor). Same data, windows and evaluation as `train_quality.py`.
+
+    python benchmarks/activation_sparsity.py --minutes 28 --json results/activation_sparsity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+
+import torch
+from train_quality import heldout_ids, log, mixed_windows, timed_train
+
+from factorllm import load_model, losses, perplexity
+from factorllm.data import load_text, tokenize
+from factorllm.serialization import atomic_write_text
+from factorllm.sparsity import SparsityConfig, sparsify_
+from factorllm.train import TrainConfig
+
+INPUT_KEEP_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--minutes", type=float, default=28.0,
+                    help="end-to-end fine-tuning minutes per FFN fraction (0: training-free only)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                    help="layers whose FFN stays dense; the others run less to keep the mean compute")
+    ap.add_argument("--train-tokens", type=int, default=32768)
+    ap.add_argument("--train-data", default="kjv+python-source")
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-4, help="end-to-end rate")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    if args.minutes < 0:
+        ap.error(f"--minutes must be >= 0, got {args.minutes}")
+    t_start = time.time()
+
+    dense, tok = load_model(args.model)
+    layers = dense.config.num_hidden_layers
+    corpora = [tokenize(tok, load_text(name)) for name in args.train_data.split("+")]
+    train_w = mixed_windows(corpora, args.window, args.train_tokens // args.window, seed=0)
+    evals = heldout_ids(tok, args.window, args.eval_windows)
+    ppl = lambda m: {d: perplexity(m, ids, window=args.window) for d, ids in evals.items()}  # noqa: E731
+    dense_ppl = ppl(dense)
+    log(f"dense {dense_ppl}")
+    probe = train_w[:2]
+    with torch.no_grad():
+        probe_logits = dense(input_ids=probe, use_cache=False).logits
+
+    rows = []
+    for frac in args.fractions:
+        def config(keep, frac=frac):
+            return SparsityConfig.for_compute(frac, keep, dense_layers=tuple(args.dense_layers), num_layers=layers)
+
+        def probe_loss(cfg):
+            with torch.no_grad():
+                student = sparsify_(copy.deepcopy(dense), cfg)
+                return losses.distill_loss(student(input_ids=probe, use_cache=False).logits, probe_logits).item()
+
+        scored = {}
+        for keep in INPUT_KEEP_GRID:
+            try:
+                scored[keep] = probe_loss(config(keep))
+            except ValueError:  # this input share leaves no valid neuron share at this fraction
+                continue
+        keep = min(scored, key=scored.get)
+        cfg = config(keep)
+        log(f"{frac:.0%}: input_keep by probe loss {({k: round(v, 4) for k, v in scored.items()})} -> {keep}, "
+            f"neuron_keep {cfg.neuron_keep:.3f}")
+        sparse_frac = cfg.ffn_compute()
+        oracle_ppl = ppl(sparsify_(copy.deepcopy(dense), SparsityConfig(1.0, sparse_frac, cfg.dense_layers)))
+        model = sparsify_(copy.deepcopy(dense), cfg)
+        compute = (len(cfg.dense_layers) + (layers - len(cfg.dense_layers)) * sparse_frac) / layers
+        stages = [("training-free", None)]
+        if args.minutes > 0:
+            stages.append(("end2end", TrainConfig(mode="end2end", train_router=False, train_experts=True,
+                                                  distill_weight=1.0, lr=args.lr, batch_size=2, max_steps=10**6,
+                                                  save_every=0)))
+        for stage, tcfg in stages:
+            t0 = time.time()
+            steps = 0 if tcfg is None else timed_train(model, dense, train_w, tcfg, args.minutes * 60)
+            minutes = (time.time() - t0) / 60
+            row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
+                   "dense_layers": list(cfg.dense_layers), "ffn_compute": compute, "train_data": args.train_data,
+                   "lr": None if tcfg is None else tcfg.lr, "stage": stage, "steps": steps,
+                   "train_minutes": minutes, "ppl": {}}
+            for d, v in ppl(model).items():
+                row["ppl"][d] = {"dense": dense_ppl[d], "trained": v, "oracle": oracle_ppl[d]}
+            rows.append(row)
+            log(f"{stage:>13} {frac:.0%}: {steps} steps, {minutes:.1f} min, "
+                + ", ".join(f"{d}: " + " ".join(f"{n}={v:.2f}" for n, v in row["ppl"][d].items()) for d in evals))
+
+    print(f"\nSmolLM2-135M, activation sparsity, end-to-end distillation on {train_w.numel()} tokens of "
+          f"{args.train_data}; held-out ppl on {evals['pydoc'].numel()} tokens each")
+    print("| FFN compute | input / neuron keep | stage | train min | pydoc dense | sparse | neuron oracle | kjv dense "
+          "| sparse | neuron oracle |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        p, q = r["ppl"]["pydoc"], r["ppl"]["kjv"]
+        print(f"| {r['ffn_compute']:.1%} | {r['input_keep']:.2f} / {r['neuron_keep']:.3f} | {r['stage']} | "
+              f"{r['train_minutes']:.1f} | {p['dense']:.2f} | {p['trained']:.2f} | {p['oracle']:.2f} | "
+              f"{q['dense']:.2f} | {q['trained']:.2f} | {q['oracle']:.2f} |")
+    print(f"total {(time.time() - t_start) / 60:.1f} min")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Activation sparsity: each token runs only its largest inputs and neurons of a dense FFN (a TEAL/CATS-style
+baseline on the same FFN machinery as factorization, with no router and no expert groups).
+
+For each token:
+1. the input projections (gate and up, or the plain FFN's input projection) read only the `input_keep` share of
+   hidden channels with the largest |x_j| * ||W_in[:, j]|| (the columns they multiply: a channel's contribution);
+2. the output projection reads only the `neuron_keep` share of neurons with the largest |h_i| * ||W_out[:, i]||.
+Both choices are made per token from values the FFN computes anyway, so no predictor is trained; fine-tuning the
+FFN weights end to end (`factorllm.train`, `train_router=False, train_experts=True`) adapts them to the masks.
+
+FFN compute per token (the multiply-adds that run, against the dense FFN's): gated (2 * input_keep + neuron_keep) / 3,
+plain (input_keep + neuron_keep) / 2.
+
+NOTE: this module simulates the sparsity with masks on dense matrix products (exact numbers, dense cost); its
+wall-clock gain needs gather kernels (per-token column subsets), which factorllm does not have.
+
+Legend: T tokens, D hidden, F FFN width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from factorllm.adapters import FFNWeights, adapter_for, find_ffns
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How much of each token's FFN runs.
+
+    Args:
+        input_keep: share of hidden channels the input projections read, in (0, 1].
+        neuron_keep: share of the FFN's neurons the output projection reads, in (0, 1].
+        dense_layers: decoder layers (0-based) whose FFN stays dense.
+
+    Example:
+        >>> SparsityConfig.for_compute(0.5, input_keep=0.6)  # neuron_keep 0.3: (2 * 0.6 + 0.3) / 3 = 0.5
+    """
+
+    input_keep: float
+    neuron_keep: float
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("input_keep", "neuron_keep"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name}={value!r} must be in (0, 1]: the share of channels or neurons kept")
+        dense = tuple(sorted({int(i) for i in self.dense_layers}))
+        if any(i < 0 for i in dense):
+            raise ValueError(f"dense_layers={self.dense_layers} must be layer indices >= 0")
+        object.__setattr__(self, "dense_layers", dense)
+
+    def ffn_compute(self, gated: bool = True) -> float:
+        """Share of a dense FFN's multiply-adds a sparse layer runs per token."""
+        if gated:
+            return (2 * self.input_keep + self.neuron_keep) / 3
+        return (self.input_keep + self.neuron_keep) / 2
+
+    @classmethod
+    def for_compute(cls, fraction: float, input_keep: float, gated: bool = True,
+                    dense_layers: tuple[int, ...] = (), num_layers: int | None = None) -> SparsityConfig:
+        """The config that runs `fraction` of the FFN compute, averaged over `num_layers` layers of which
+        `dense_layers` run in full, with `input_keep` given: neuron_keep follows."""
+        n_dense = len(set(dense_layers))
+        if n_dense and num_layers is None:
+            raise ValueError("dense_layers needs num_layers, to spread the compute over the sparse layers")
+        sparse = fraction if not n_dense else (fraction * num_layers - n_dense) / (num_layers - n_dense)
+        neuron_keep = 3 * sparse - 2 * input_keep if gated else 2 * sparse - input_keep
+        if not 0 < neuron_keep <= 1:
+            lo, hi = ((3 * sparse - 1) / 2, 3 * sparse / 2) if gated else (2 * sparse - 1, 2 * sparse)
+            raise ValueError(f"{fraction:.0%} of the FFN compute with input_keep={input_keep} leaves neuron_keep="
+                             f"{neuron_keep:.3f}, outside (0, 1]; choose input_keep in [{max(lo, 0):.3f}, "
+                             f"{min(hi, 1):.3f})")
+        return cls(input_keep, neuron_keep, tuple(dense_layers))
+
+
+def top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """A {0, 1} mask of the `keep` largest scores of each row: [T, N] -> [T, N] (exactly `keep` per row)."""
+    if keep >= scores.shape[-1]:
+        return torch.ones_like(scores)
+    return torch.zeros_like(scores).scatter_(-1, scores.topk(keep, dim=-1).indices, 1.0)
+
+
+class SparseFFN(nn.Module):
+    """Drop-in replacement of a dense FFN module: `forward(hidden [..., D]) -> [..., D]`, masked per token.
+
+    With `input_keep = neuron_keep = 1` it computes the dense FFN exactly. Its weights are copies of the dense
+    FFN's in `nn.Linear` orientation, trainable like any parameter (masks pass gradient to what they keep).
+    """
+
+    def __init__(self, ffn: FFNWeights, input_keep: float, neuron_keep: float) -> None:
+        super().__init__()
+        self.gated, self.act = ffn.gated, ffn.act
+        self.input_keep, self.neuron_keep = input_keep, neuron_keep
+        copy = lambda t: None if t is None else nn.Parameter(t.detach().clone())  # noqa: E731
+        self.w_in, self.w_up, self.w_out = copy(ffn.w_in), copy(ffn.w_up), copy(ffn.w_out)  # [F, D], [F, D], [D, F]
+        self.b_in, self.b_up, self.b_out = copy(ffn.b_in), copy(ffn.b_up), copy(ffn.b_out)
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, config: SparsityConfig) -> SparseFFN:
+        return cls(adapter_for(mlp).read(mlp), config.input_keep, config.neuron_keep)
+
+    @property
+    def width(self) -> int:
+        return self.w_in.shape[0]
+
+    def weights(self) -> FFNWeights:
+        return FFNWeights(self.gated, self.w_in, self.w_out, self.act, self.w_up, self.b_in, self.b_up, self.b_out)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # [T, D]
+        with torch.no_grad():  # the masks are choices, not functions to differentiate
+            col = self.w_in.square().sum(0) + (0 if self.w_up is None else self.w_up.square().sum(0))  # [D]
+            keep_in = top_mask(x.abs() * col.sqrt(), _count(self.input_keep, x.shape[1]))  # [T, D]
+        x = x * keep_in
+        h = self.act(nn.functional.linear(x, self.w_in, self.b_in))  # [T, F]
+        if self.gated:
+            h = h * nn.functional.linear(x, self.w_up, self.b_up)
+        with torch.no_grad():
+            keep_h = top_mask(h.abs() * self.w_out.norm(dim=0), _count(self.neuron_keep, self.width))  # [T, F]
+        return nn.functional.linear(h * keep_h, self.w_out, self.b_out).view(shape)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, input_keep={self.input_keep:.3f}, neuron_keep={self.neuron_keep:.3f}"
+
+
+def _count(share: float, n: int) -> int:
+    return max(1, min(n, math.floor(share * n + 0.5)))
+
+
+def sparsify_(model: nn.Module, config: SparsityConfig) -> nn.Module:
+    """Replaces every decoder layer's FFN but `config.dense_layers` by a `SparseFFN`, in place.
+
+    Example:
+        >>> model, tok = factorllm.load_model("smollm2-135m")
+        >>> sparsify_(model, SparsityConfig.for_compute(0.5, input_keep=0.6))
+    """
+    ffns = find_ffns(model)  # fails fast on an unsupported, factorized or already sparse model
+    if config.dense_layers and config.dense_layers[-1] >= len(ffns):
+        raise ValueError(f"dense_layers={config.dense_layers}: the model has layers 0..{len(ffns) - 1}")
+    for i, (name, mlp) in enumerate(ffns):
+        if i not in config.dense_layers:
+            model.set_submodule(name, SparseFFN.from_dense(mlp, config))
+    model.sparsity_config = config
+    return model
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseFFN]]:
+    """`(qualified name, block)` of every SparseFFN in a sparsified model, in layer order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseFFN)]

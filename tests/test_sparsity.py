@@ -1,0 +1,154 @@
+"""Activation sparsity: SparseFFN against a per-token reference, its compute accounting, surgery and training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model, token_batch
+
+from factorllm import FactorConfig, convert_
+from factorllm.adapters import adapter_for, find_ffns
+from factorllm.losses import distill_loss
+from factorllm.sparsity import SparseFFN, SparsityConfig, sparse_layers, sparsify_, top_mask
+from factorllm.train import TrainConfig, TrainData, train
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keeping_everything_computes_the_dense_model(family):
+    dense = tiny_model(family)
+    ids = token_batch()
+    sparse = sparsify_(copy.deepcopy(dense), SparsityConfig(1.0, 1.0))
+    assert len(sparse_layers(sparse)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def naive_sparse_ffn(block: SparseFFN, x: torch.Tensor) -> torch.Tensor:
+    """Reference: token by token, the kept channels and neurons as index lists, only their weights multiplied."""
+    w = block.weights()
+    col = w.w_in.norm(dim=0) if w.w_up is None else torch.cat([w.w_in, w.w_up]).norm(dim=0)  # [D]
+    n_in = max(1, round(block.input_keep * x.shape[1]))
+    n_h = max(1, round(block.neuron_keep * block.width))
+    out = []
+    for xt in x:  # [D]
+        c = (xt.abs() * col).topk(n_in).indices  # kept channels
+        pre = w.w_in[:, c] @ xt[c] + (0 if w.b_in is None else w.b_in)  # [F]
+        h = w.act(pre)
+        if w.gated:
+            h = h * (w.w_up[:, c] @ xt[c] + (0 if w.b_up is None else w.b_up))
+        n = (h.abs() * w.w_out.norm(dim=0)).topk(n_h).indices  # kept neurons
+        out.append(w.w_out[:, n] @ h[n] + (0 if w.b_out is None else w.b_out))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("keep", [(0.5, 0.25), (0.75, 0.5), (0.2, 1.0)])
+def test_sparse_ffn_matches_the_per_token_reference(family, keep):
+    mlp = find_ffns(tiny_model(family))[0][1]
+    block = SparseFFN.from_dense(mlp, SparsityConfig(*keep))
+    x = torch.randn(12, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = block(x[None])[0]
+        want = naive_sparse_ffn(block, x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        full = adapter_for(mlp).read(mlp)(x)
+    if keep != (1.0, 1.0):
+        assert (got - full).abs().max() > 1e-3  # the masks do change the output
+
+
+def test_top_mask_keeps_exactly_the_largest_even_with_ties():
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 2.0, 0.5]])
+    mask = top_mask(scores, 2)
+    assert mask.sum(dim=1).tolist() == [2.0, 2.0]
+    assert mask[1].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_compute_accounting_and_for_compute():
+    cfg = SparsityConfig(0.6, 0.3)
+    assert cfg.ffn_compute(gated=True) == pytest.approx(0.5)
+    assert cfg.ffn_compute(gated=False) == pytest.approx(0.45)
+    assert SparsityConfig.for_compute(0.5, 0.6).neuron_keep == pytest.approx(0.3)
+    assert SparsityConfig.for_compute(0.5, 0.6, gated=False).neuron_keep == pytest.approx(0.4)
+    # layer 0 dense: the other 9 layers make up the rest of 50% over 10 layers
+    cfg = SparsityConfig.for_compute(0.5, 0.5, dense_layers=(0,), num_layers=10)
+    assert (1 + 9 * cfg.ffn_compute()) / 10 == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"choose input_keep in \[0.250, 0.750\)"):
+        SparsityConfig.for_compute(0.5, 0.8)
+    with pytest.raises(ValueError, match="needs num_layers"):
+        SparsityConfig.for_compute(0.5, 0.6, dense_layers=(0,))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(input_keep=0.0, neuron_keep=0.5), "input_keep=0.0 must be in"),
+    (dict(input_keep=0.5, neuron_keep=1.5), "neuron_keep=1.5 must be in"),
+    (dict(input_keep=0.5, neuron_keep=0.5, dense_layers=(-1,)), "layer indices"),
+])
+def test_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SparsityConfig(**kw)
+
+
+def test_surgery_refuses_converted_sparse_and_out_of_range():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="the model has layers 0..1"):
+        sparsify_(copy.deepcopy(model), SparsityConfig(0.5, 0.5, dense_layers=(2,)))
+    sparse = sparsify_(copy.deepcopy(model), SparsityConfig(0.5, 0.5, dense_layers=(0,)))
+    assert [n for n, _ in sparse_layers(sparse)] == ["model.layers.1.mlp"]
+    with pytest.raises(ValueError, match="already sparsified"):
+        sparsify_(sparse, SparsityConfig(0.5, 0.5))
+    with pytest.raises(ValueError, match="already sparsified"):
+        convert_(sparse, FactorConfig(4, 2), progress=False)
+    with pytest.raises(ValueError, match="already factorized"):
+        sparsify_(convert_(copy.deepcopy(model), FactorConfig(4, 2), progress=False), SparsityConfig(0.5, 0.5))
+
+
+def test_end_to_end_distillation_trains_only_the_sparse_ffns_and_lowers_the_loss():
+    dense = tiny_model("llama")
+    student = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.25, dense_layers=(0,)))
+    ids = token_batch(8, 16)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    def gap():
+        with torch.no_grad():
+            return distill_loss(student(input_ids=ids).logits, dense(input_ids=ids).logits).item()
+
+    start = gap()
+    cfg = TrainConfig(mode="end2end", train_router=False, train_experts=True, distill_weight=1.0, lr=3e-3,
+                      max_steps=20, batch_size=4, save_every=0)
+    train(student, dense, TrainData(ids), cfg, progress=False)
+    assert gap() < 0.7 * start
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {f"model.layers.1.mlp.{w}" for w in ("w_in", "w_up", "w_out")}
+
+
+def test_layerwise_reconstruction_brings_a_sparse_ffn_closer_to_the_dense_one():
+    dense = tiny_model("gpt2")
+    student = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.5))
+    ids = token_batch(8, 16)
+    seen = []  # layer 1's real input in the dense model: what the layer-wise stage trains on
+    hook = dense.transformer.h[1].mlp.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        dense(input_ids=ids)
+    hook.remove()
+    x = seen[0]
+    target = adapter_for(dense.transformer.h[1].mlp).read(dense.transformer.h[1].mlp)
+
+    def err():
+        with torch.no_grad():
+            return (student.transformer.h[1].mlp(x) - target(x)).square().mean().item()
+
+    start = err()
+    cfg = TrainConfig(mode="layerwise", train_router=False, train_experts=True, recon_weight=1.0, lr=1e-2,
+                      max_steps=30, token_batch=64, layerwise_tokens=128, save_every=0)
+    train(student, dense, TrainData(ids), cfg, progress=False)
+    assert err() < 0.8 * start
+
+
+def test_training_a_sparse_model_asks_for_train_router_false():
+    dense = tiny_model("llama")
+    student = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.5))
+    cfg = TrainConfig(mode="end2end", train_experts=True, distill_weight=1.0, max_steps=1, save_every=0)
+    with pytest.raises(ValueError, match="set train_router=False"):
+        train(student, dense, TrainData(token_batch(2, 16)), cfg, progress=False)
