@@ -10,6 +10,9 @@ The loop runs on Accelerate (CPU here; `accelerate launch` with DDP/FSDP/DeepSpe
 tokens/s, evaluates held-out perplexity, writes checkpoints atomically, resumes exactly (batches are a pure
 function of the step), and stops with a clear message on a non-finite loss, keeping the last good checkpoint.
 
+The same loop fine-tunes activation-sparse FFNs (`factorllm.sparsify_`): they have no router, and their weights
+train as experts do (`train_router=False, train_experts=True`).
+
 Legend: B windows, S tokens per window, T tokens, D hidden, E experts, k experts per token.
 """
 
