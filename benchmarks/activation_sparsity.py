@@ -48,8 +48,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4, help="end-to-end rate")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
-    if args.minutes < 0:
-        ap.error(f"--minutes must be >= 0, got {args.minutes}")
+    if args.minutes < 0 or not all(0 < f <= 1 for f in args.fractions):
+        ap.error(f"--minutes must be >= 0 and --fractions in (0, 1], got {args.minutes} and {args.fractions}")
     t_start = time.time()
 
     dense, tok = load_model(args.model)
@@ -80,6 +80,9 @@ def main() -> int:
                 scored[keep] = probe_loss(config(keep))
             except ValueError:  # this input share leaves no valid neuron share at this fraction
                 continue
+        if not scored:
+            sys.exit(f"at {frac:.0%} of the FFN compute no input share on the grid {INPUT_KEEP_GRID} leaves a "
+                     "neuron share in (0, 1]: raise --fractions")
         keep = min(scored, key=scored.get)
         cfg = config(keep)
         log(f"{frac:.0%}: input_keep by probe loss {({k: round(v, 4) for k, v in scored.items()})} -> {keep}, "

@@ -152,3 +152,16 @@ def test_training_a_sparse_model_asks_for_train_router_false():
     cfg = TrainConfig(mode="end2end", train_experts=True, distill_weight=1.0, max_steps=1, save_every=0)
     with pytest.raises(ValueError, match="set train_router=False"):
         train(student, dense, TrainData(token_batch(2, 16)), cfg, progress=False)
+
+
+def test_a_teacher_of_another_ffn_width_is_a_clear_error():
+    dense = tiny_model("llama")
+    student = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.5))
+    other = copy.deepcopy(dense)
+    config = copy.deepcopy(dense.config)
+    config.intermediate_size = 48
+    other.model.layers[1].mlp = type(dense.model.layers[1].mlp)(config)
+    cfg = TrainConfig(mode="end2end", train_router=False, train_experts=True, distill_weight=1.0, max_steps=1,
+                      save_every=0)
+    with pytest.raises(ValueError, match="FFN width 48 != 64; pass the dense model"):
+        train(student, other, TrainData(token_batch(2, 16)), cfg, progress=False)

@@ -71,3 +71,13 @@ def test_activation_sparsity_writes_a_training_free_and_a_trained_row_at_the_fra
             assert set(r["ppl"][domain]) == {"dense", "trained", "oracle"}
             assert all(math.isfinite(v) and v > 1 for v in r["ppl"][domain].values())
     assert rows[0]["steps"] == 0 and rows[1]["steps"] >= 1
+
+
+def test_activation_sparsity_refuses_a_fraction_it_cannot_reach(tiny_folder):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = lambda *a: subprocess.run([sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=600)
+    proc = run("--fractions", "1.5")
+    assert proc.returncode == 2 and "--fractions in (0, 1]" in proc.stderr
+    proc = run("--fractions", "0.04", "--eval-windows", "1", "--window", "32", "--train-tokens", "256")
+    assert proc.returncode == 1 and "at 4% of the FFN compute no input share on the grid" in proc.stderr

@@ -284,9 +284,10 @@ def check_teacher(model: nn.Module, teacher: nn.Module) -> None:
                              "the student was converted from")
         ffn = teacher_ffns[name]
         width = adapter_for(ffn).read(ffn).width
-        if (block.width if isinstance(block, SparseFFN) else len(block.neuron_index)) != width:
-            raise ValueError(f"teacher does not match the student at {name}: FFN width {width} != "
-                             f"{len(block.neuron_index)}; pass the dense model the student was converted from")
+        got = block.width if isinstance(block, SparseFFN) else len(block.neuron_index)
+        if got != width:
+            raise ValueError(f"teacher does not match the student at {name}: FFN width {width} != {got}; pass the "
+                             "dense model the student was converted from")
 
 
 def teacher_ffns_of(blocks: Sequence[tuple[str, nn.Module]], teacher: nn.Module) -> list[nn.Module]:
@@ -418,8 +419,9 @@ def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
     activation-sparse FFN's weights count as experts)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, block in sparse_blocks(model):
-        block.requires_grad_(cfg.train_experts)
+    for _, block in ffn_blocks(model):
+        if isinstance(block, SparseFFN):
+            block.requires_grad_(cfg.train_experts)
     for _, block in moe_layers(model):
         block.router.straight_through = cfg.straight_through
         for p in block.router.parameters():
@@ -427,10 +429,6 @@ def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
         for group in (block.experts, block.shared):  # NOTE: the output bias stays as the dense FFN had it
             for p in group.parameters() if group is not None else ():
                 p.requires_grad_(cfg.train_experts)
-
-
-def sparse_blocks(model: nn.Module) -> list[tuple[str, SparseFFN]]:
-    return [(n, b) for n, b in ffn_blocks(model) if isinstance(b, SparseFFN)]
 
 
 def _param_groups(blocks: Sequence[nn.Module], cfg: TrainConfig) -> list[dict]:
