@@ -328,3 +328,17 @@ def test_two_processes_give_the_same_loss_curve_as_one(tmp_path):
     for x, y in zip(a, b, strict=True):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
     assert a[-1] < a[0]
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("end2end", dict(train_experts=True, distill_weight=1.0)),
+    ("layerwise", dict(token_batch=64, layerwise_tokens=128)),
+])
+def test_progress_false_shows_no_bars(mode, extra, capsys):
+    student, dense = _pair()
+    cfg = TrainConfig(mode=mode, max_steps=3, batch_size=2, save_every=0, **extra)
+    train(student, dense, TrainData(_windows(4)), cfg, progress=False)
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "s/it" not in err
+    train(student, dense, TrainData(_windows(4)), cfg, progress=True)
+    assert "it/s" in capsys.readouterr().err  # the bars do show when asked for

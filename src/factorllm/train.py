@@ -365,7 +365,8 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 def _run_loop(accelerator, module: nn.Module, groups: list[dict], batch_fn: Callable[[int], object],
               loss_fn: Callable[[object], tuple[torch.Tensor, int]], cfg: TrainConfig, ckpt: Checkpointer,
               state: dict, result: TrainResult, desc: str, callbacks: Sequence[Callable[[int, dict], None]],
-              eval_fn: Callable[[], dict] | None = None, resume_from: dict | None = None) -> None:
+              eval_fn: Callable[[], dict] | None = None, resume_from: dict | None = None,
+              progress: bool = True) -> None:
     """The training loop: step = batch_fn(step) -> loss_fn -> backward -> clip -> AdamW -> cosine schedule.
 
     `groups`: AdamW parameter groups (`params`, and `lr` where it is not `cfg.lr`), see `_param_groups`.
@@ -380,7 +381,7 @@ def _run_loop(accelerator, module: nn.Module, groups: list[dict], batch_fn: Call
         start = resume_from["step"]
     opt = accelerator.prepare(opt)
     bar = tqdm(range(start, cfg.max_steps), desc=desc, initial=start, total=cfg.max_steps,
-               disable=not accelerator.is_main_process, leave=False)
+               disable=not progress or not accelerator.is_main_process, leave=False)
     tokens, t0 = 0, time.perf_counter()
     for step in bar:
         loss, n_tok = loss_fn(batch_fn(step))
@@ -549,7 +550,7 @@ def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result,
     state = {"layer": None}
     groups = _param_groups([b for _, b in ffn_blocks(model)], cfg)
     _run_loop(accelerator, wrapped, groups, batch_fn, loss_fn, cfg, ckpt, state, result,
-              "end2end", callbacks, _eval_fn(model, data), resume)
+              "end2end", callbacks, _eval_fn(model, data), resume, progress)
 
 
 @torch.no_grad()
@@ -609,7 +610,7 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, resul
         layer_resume = resume if (resume is not None and li == first and resume["optimizer"] is not None) else None
         _run_loop(accelerator, block, _param_groups([block], cfg), batch_fn, loss_fn, cfg,
                   _LayerCheckpointer(ckpt, model), state, result, f"layer {numbers[name]}", callbacks, None,
-                  layer_resume)
+                  layer_resume, progress)
         block.eval()
         # Mark the layer done, so a resume starts at the next one.
         ckpt.save({"layer": li + 1, "step": 0, "optimizer": None, "scheduler": None,
