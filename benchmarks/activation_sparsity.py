@@ -7,6 +7,8 @@ distillation loss on two training windows (never the held-out text), and `neuron
 Held-out perplexity on the Python docs and KJV's held-out books against dense and against the per-neuron oracle
 (each token's exact top neurons by |h| * ||w_out||, the whole fraction spent on neurons: what routing at neuron
 granularity could reach with a perfect predictor). Same data, windows and evaluation as `train_quality.py`.
+`--layerwise-steps N` adds a layer-wise reconstruction stage (N steps a layer) before the end-to-end one, inside
+the same --minutes.
 
     python benchmarks/activation_sparsity.py --minutes 28 --json results/activation_sparsity.json
 """
@@ -26,7 +28,7 @@ from factorllm import load_model, losses, perplexity
 from factorllm.data import load_text, tokenize
 from factorllm.serialization import atomic_write_text
 from factorllm.sparsity import SparsityConfig, sparsify_
-from factorllm.train import TrainConfig
+from factorllm.train import TrainConfig, TrainData, train
 
 # NOTE: the run of 2026-12-01 (README) had (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25% of the FFN
 # compute it left 0.3 alone of the valid inputs shares, [0.125, 0.375).
@@ -37,7 +39,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--minutes", type=float, default=28.0,
-                    help="end-to-end fine-tuning minutes per FFN fraction (0: training-free only)")
+                    help="training minutes per FFN fraction, both stages together (0: training-free only)")
+    ap.add_argument("--layerwise-steps", type=int, default=0,
+                    help="steps a layer of layer-wise reconstruction (lr 3e-4, on cached activations) before the "
+                         "end-to-end stage, which gets the rest of --minutes (0: none)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--dense-layers", type=int, nargs="*", default=[],
                     help="layers whose FFN stays dense; the others run less to keep the mean compute")
@@ -92,14 +97,26 @@ def main() -> int:
         model = sparsify_(copy.deepcopy(dense), cfg)
         compute = (len(cfg.dense_layers) + (layers - len(cfg.dense_layers)) * sparse_frac) / layers
         stages = [("training-free", None)]
+        if args.minutes > 0 and args.layerwise_steps:
+            stages.append(("layer-wise", TrainConfig(mode="layerwise", train_router=False, train_experts=True,
+                                                     recon_weight=1.0, lr=3e-4, max_steps=args.layerwise_steps,
+                                                     layerwise_tokens=args.train_tokens, save_every=0)))
         if args.minutes > 0:
             stages.append(("end2end", TrainConfig(mode="end2end", train_router=False, train_experts=True,
                                                   distill_weight=1.0, lr=args.lr, batch_size=2, max_steps=10**6,
                                                   save_every=0)))
+        spent = 0.0  # training minutes of this fraction so far
         for stage, tcfg in stages:
             t0 = time.time()
-            steps = 0 if tcfg is None else timed_train(model, dense, train_w, tcfg, args.minutes * 60)
+            if tcfg is None:
+                steps = 0
+            elif tcfg.mode == "layerwise":
+                train(model, dense, TrainData(train_w), tcfg, progress=False)
+                steps = tcfg.max_steps
+            else:
+                steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes - spent) * 60)
             minutes = (time.time() - t0) / 60
+            spent += minutes
             row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
                    "dense_layers": list(cfg.dense_layers), "ffn_compute": compute, "train_data": args.train_data,
                    "lr": None if tcfg is None else tcfg.lr, "stage": stage, "steps": steps,

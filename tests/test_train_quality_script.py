@@ -52,25 +52,25 @@ def test_train_quality_refuses_a_budget_it_cannot_keep(tiny_folder):
 SPARSITY_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "activation_sparsity.py"
 
 
-def test_activation_sparsity_writes_a_training_free_and_a_trained_row_at_the_fraction(tiny_folder, tmp_path):
+def test_activation_sparsity_writes_a_row_per_stage_at_the_fraction(tiny_folder, tmp_path):
     text = tmp_path / "train.txt"
     text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
     out = tmp_path / "rows.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), "--fractions", "0.5",
-                           "--minutes", "0.05", "--window", "32", "--train-tokens", "256", "--eval-windows", "1",
-                           "--train-data", str(text), "--json", str(out)],
+                           "--minutes", "0.05", "--layerwise-steps", "2", "--window", "32", "--train-tokens", "256",
+                           "--eval-windows", "1", "--train-data", str(text), "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["stage"] for r in rows] == ["training-free", "end2end"]
+    assert [r["stage"] for r in rows] == ["training-free", "layer-wise", "end2end"]
     for r in rows:
         assert math.isclose(r["ffn_compute"], 0.5)
         assert math.isclose((2 * r["input_keep"] + r["neuron_keep"]) / 3, 0.5)
         for domain in ("pydoc", "kjv"):
             assert set(r["ppl"][domain]) == {"dense", "trained", "oracle"}
             assert all(math.isfinite(v) and v > 1 for v in r["ppl"][domain].values())
-    assert rows[0]["steps"] == 0 and rows[1]["steps"] >= 1
+    assert [r["steps"] for r in rows[:2]] == [0, 2] and rows[2]["steps"] >= 1
 
 
 def test_activation_sparsity_refuses_a_fraction_it_cannot_reach(tiny_folder):
