@@ -25,6 +25,7 @@ import torch
 from train_quality import heldout_ids, log, mixed_windows, timed_train
 
 from factorllm import load_model, losses, perplexity
+from factorllm.adapters import adapter_for, find_ffns
 from factorllm.data import load_text, tokenize
 from factorllm.serialization import atomic_write_text
 from factorllm.sparsity import SparsityConfig, sparsify_
@@ -59,6 +60,8 @@ def main() -> int:
 
     dense, tok = load_model(args.model)
     layers = dense.config.num_hidden_layers
+    mlp = find_ffns(dense)[0][1]
+    gated = adapter_for(mlp).read(mlp).gated  # the compute accounting differs for plain FFNs (GPT-2)
     corpora = [tokenize(tok, load_text(name)) for name in args.train_data.split("+")]
     train_w = mixed_windows(corpora, args.window, args.train_tokens // args.window, seed=0)
     evals = heldout_ids(tok, args.window, args.eval_windows)
@@ -72,7 +75,8 @@ def main() -> int:
     rows = []
     for frac in args.fractions:
         def config(keep, frac=frac):
-            return SparsityConfig.for_compute(frac, keep, dense_layers=tuple(args.dense_layers), num_layers=layers)
+            return SparsityConfig.for_compute(frac, keep, gated, dense_layers=tuple(args.dense_layers),
+                                              num_layers=layers)
 
         def probe_loss(cfg):
             with torch.no_grad():
@@ -92,7 +96,7 @@ def main() -> int:
         cfg = config(keep)
         log(f"{frac:.0%}: input_keep by probe loss {({k: round(v, 4) for k, v in scored.items()})} -> {keep}, "
             f"neuron_keep {cfg.neuron_keep:.3f}")
-        sparse_frac = cfg.ffn_compute()
+        sparse_frac = cfg.ffn_compute(gated)
         oracle_ppl = ppl(sparsify_(copy.deepcopy(dense), SparsityConfig(1.0, sparse_frac, cfg.dense_layers)))
         model = sparsify_(copy.deepcopy(dense), cfg)
         compute = (len(cfg.dense_layers) + (layers - len(cfg.dense_layers)) * sparse_frac) / layers
