@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model, token_batch
+from torch import nn
 
-from factorllm import FactorConfig, convert_
-from factorllm.adapters import adapter_for, find_ffns
+from factorllm import FactorConfig, convert_, native
+from factorllm.adapters import FFNWeights, adapter_for, find_ffns
 from factorllm.losses import distill_loss
-from factorllm.sparsity import SparseFFN, SparsityConfig, sparse_layers, sparsify_, top_mask
+from factorllm.sparsity import KERNEL_MAX_TOKENS, SparseFFN, SparsityConfig, sparse_layers, sparsify_, top_mask
 from factorllm.train import TrainConfig, TrainData, train
 
 
@@ -45,10 +46,11 @@ def naive_sparse_ffn(block: SparseFFN, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["llama", "llama-bias", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("keep", [(0.5, 0.25), (0.75, 0.5), (0.2, 1.0)])
-def test_sparse_ffn_matches_the_per_token_reference(family, keep):
+@pytest.mark.parametrize("tokens", [12, 1, 3])  # 12: the masked products; 1 and 3: the native kernel
+def test_sparse_ffn_matches_the_per_token_reference(family, keep, tokens):
     mlp = find_ffns(tiny_model(family))[0][1]
     block = SparseFFN.from_dense(mlp, SparsityConfig(*keep))
-    x = torch.randn(12, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = block(x[None])[0]
         want = naive_sparse_ffn(block, x)
@@ -56,6 +58,65 @@ def test_sparse_ffn_matches_the_per_token_reference(family, keep):
         full = adapter_for(mlp).read(mlp)(x)
     if keep != (1.0, 1.0):
         assert (got - full).abs().max() > 1e-3  # the masks do change the output
+    ran_kernel = block._kernel is not None
+    assert ran_kernel == (native.available() and tokens <= KERNEL_MAX_TOKENS)
+
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler: the masked path runs instead")
+
+
+@needs_kernel
+def test_kernel_breaks_ties_by_index_and_keeps_exact_counts():
+    """Every channel scores the same (columns of equal norms, x all ones): the kernel keeps the first ones."""
+    signs = torch.randint(0, 2, (2, 40, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    w = FFNWeights(True, 0.1 * signs[0].float(), torch.randn(16, 40) / 6, nn.SiLU(), 0.1 * signs[1].float())
+    block = SparseFFN(w, input_keep=0.25, neuron_keep=0.5)  # 4 of 16 channels, 20 of 40 neurons
+    x = torch.ones(1, 16)
+    with torch.no_grad():
+        got = block(x)
+        h = w.intermediate(x * (torch.arange(16) < 4))[0]  # [F]: channels 0-3 only
+        n = (h.abs() * w.w_out.norm(dim=0)).topk(20).indices
+        want = w.w_out[:, n] @ h[n]
+    assert block._kernel is not None
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_follows_weight_updates_and_steps_aside_for_training():
+    block = SparseFFN.from_dense(find_ffns(tiny_model("llama"))[0][1], SparsityConfig(0.5, 0.5))
+    x = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        block(x)
+        kernels = [block._kernel]
+        for change in (lambda: block.w_up.mul_(2.0),  # in place, as an optimizer step: same address, new version
+                       lambda: setattr(block.w_out, "data", block.w_out.data * 0.5)):  # a new tensor
+            change()
+            torch.testing.assert_close(block(x), naive_sparse_ffn(block, x), atol=1e-5, rtol=1e-5)
+            assert block._kernel is not kernels[-1]
+            kernels.append(block._kernel)
+        twin = copy.deepcopy(block)  # a copy rebuilds its own kernel on its own weights
+        assert twin._kernel is None
+        twin.w_in.mul_(0.5)
+        torch.testing.assert_close(twin(x), naive_sparse_ffn(twin, x), atol=1e-5, rtol=1e-5)
+        assert twin._kernel is not None and twin._kernel is not block._kernel
+    y = block(x)  # grad enabled: the masked products, which pass gradient
+    y.sum().backward()
+    assert y.requires_grad and block.w_in.grad.abs().sum() > 0
+
+
+@needs_kernel
+def test_greedy_generation_is_unchanged_by_the_kernel(monkeypatch):
+    model = sparsify_(tiny_model("llama"), SparsityConfig(0.5, 0.4))
+    ids = token_batch()[:1, :6]
+    with torch.no_grad():
+        fast = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert all(b._kernel is not None for _, b in sparse_layers(model))
+        monkeypatch.setattr(native, "available", lambda: False)
+        for _, b in sparse_layers(model):
+            b._kernel = None
+        slow = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert all(b._kernel is None for _, b in sparse_layers(model))
+    assert fast.tolist() == slow.tolist()
 
 
 def test_top_mask_keeps_exactly_the_largest_even_with_ties():

@@ -3,6 +3,8 @@
 - `DecodeKernel`: one token through a routed block (router, top-k, gating, chosen experts) in one call.
 - `prefill`: many tokens through the experts, grouped by expert, on MKL-packed weights, experts in parallel;
   `prefill_routed`: the same with a linear router's routing done in the call too.
+- `SparseKernel`: a few tokens through an activation-sparse FFN (`factorllm.sparsity`), each token reading only
+  the weights of its kept input channels and neurons.
 
 Why C and not torch ops: see the comments in csrc/moe_kernels.c. The library is compiled on first use
 into factorllm's cache (`loading.cache_dir()`)/native, keyed on the source, the flags and the CPU,
@@ -87,6 +89,9 @@ def _lib():
     fn = lib.factorllm_moe_prefill_routed
     fn.restype = i
     fn.argtypes = [p, p, i, *lib.factorllm_moe_prefill.argtypes]
+    fn = lib.factorllm_sparse_ffn
+    fn.restype = i
+    fn.argtypes = [p, p, i, i, i, p]
     return lib
 
 
@@ -293,3 +298,55 @@ def _run_prefill(experts, x: torch.Tensor, k: int, call) -> tuple[torch.Tensor, 
               int(experts.width * D < PARALLEL_EXPERTS_BELOW))
     scratch.release()
     return out, rc
+
+
+class _SparseArgs(ctypes.Structure):
+    """Mirror of SparseArgs in csrc/moe_kernels.c."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("w_in_t", "b_in", "col", "w_out_t", "out_norm", "b_out", "h", "score", "kept")]
+    _fields_ += [(name, ctypes.c_int) for name in ("D", "F", "gated", "act")]
+
+
+class SparseKernel:
+    """A `SparseFFN` on a few tokens, each reading only its kept weights: `__call__(x [T, D], keep_in, keep_h)`.
+
+    It holds the FFN's weights once more, transposed (a kept channel or neuron is one contiguous row; see
+    csrc/moe_kernels.c), and the channel and neuron norms the FFN chooses by; `key` is where and at which
+    version the FFN's weights were when it copied them: the FFN builds a new kernel when that changes (an
+    optimizer step, `.to`, a new Parameter).
+    """
+
+    def __init__(self, ffn: nn.Module, act: int) -> None:
+        F, D = ffn.w_in.shape
+        with torch.no_grad():
+            w_in = ffn.w_in if not ffn.gated else torch.cat([ffn.w_in, ffn.w_up])  # [m*F, D]
+            biases = [ffn.b_in] if not ffn.gated else [ffn.b_in, ffn.b_up]
+            b_in = None if all(b is None for b in biases) else torch.cat(
+                [torch.zeros(F) if b is None else b for b in biases])  # [m*F]
+            self.tensors = (w_in.t().contiguous(), b_in, ffn.channel_norms().contiguous(),  # [D, m*F], [m*F], [D]
+                            ffn.w_out.t().contiguous(), ffn.neuron_norms().contiguous(),  # [F, D], [F]
+                            None if ffn.b_out is None else ffn.b_out.detach().contiguous())  # [D]
+        side = max(D, F)
+        self.h, self.score = torch.empty(w_in.shape[0]), torch.empty(2 * side)  # scratch: calls are serial
+        self.kept = torch.empty(side, dtype=torch.int32)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.args = _SparseArgs(*map(ptr, self.tensors), self.h.data_ptr(), self.score.data_ptr(),
+                                self.kept.data_ptr(), D, F, int(ffn.gated), act)
+        self.args_ref = ctypes.byref(self.args)
+        self.key = sparse_key(ffn)
+        self.D = D
+        self._fn = _lib().factorllm_sparse_ffn
+
+    def __call__(self, x: torch.Tensor, keep_in: int, keep_h: int) -> torch.Tensor:
+        """x [T, D] float32 contiguous -> [T, D]."""
+        out = torch.empty_like(x)
+        if self._fn(self.args_ref, x.data_ptr(), x.shape[0], keep_in, keep_h, out.data_ptr()) != 0:
+            raise ValueError(f"keep_in={keep_in} and keep_h={keep_h} must lie in [1, {self.D}] and "
+                             f"[1, {self.args.F}]")
+        return out
+
+
+def sparse_key(ffn: nn.Module) -> tuple:
+    """Where a SparseFFN's weights are and their versions (in-place updates bump a tensor's version)."""
+    return tuple(None if p is None else (p.data_ptr(), p._version) for p in ffn._parameters.values())

@@ -362,3 +362,127 @@ int factorllm_moe_prefill_routed(const float *router_w, const float *router_b, i
     return factorllm_moe_prefill(x, T, D, indices, weights, k, E, I, gated, act, packed_in, packed_out, b_in, compute,
                                  out, xs, h, w_sorted, slot, start, parallel_experts);
 }
+
+/* ---------------------------------------------------------------------------------------------------------
+ * Activation sparsity (factorllm.sparsity.SparseFFN), a few tokens: each token reads only its kept weights.
+ *
+ * Why: decoding is bound by reading the weights; a token that keeps a share p of its input channels and n of its
+ * neurons needs (2p + n) / 3 of a gated FFN's weights, but masks on dense products (the torch path) read them
+ * all. The weights are stored transposed here, so that a kept input channel or neuron is one contiguous row:
+ * w_in_t [D, m*F] (row j: channel j's weight into each gate neuron, then each up neuron), w_out_t [F, D].
+ * Per token: score the channels |x_j| * col[j], keep the keep_in largest; h = b_in + sum over kept j of
+ * x_j * w_in_t[j]; the activation; score the neurons |h_i| * out_norm[i], keep the keep_h largest;
+ * out = b_out + sum over kept i of h_i * w_out_t[i]. The sums are split over threads by output columns, so each
+ * thread streams its slice of every kept row and no two threads write one output.
+ * The reference it is tested against is SparseFFN's torch forward.
+ */
+typedef struct {
+    const float *w_in_t, *b_in, *col;      /* [D, m*F], [m*F] or NULL, [D] */
+    const float *w_out_t, *out_norm, *b_out; /* [F, D], [F], [D] or NULL */
+    float *h, *score;                      /* scratch: [m*F], [2 * max(D, F)] */
+    int *kept;                             /* scratch: [max(D, F)] */
+    int D, F, gated, act;
+} SparseArgs;
+
+/* The k-th largest of v[n] (1 <= k <= n), by quickselect on tmp (v is left as it is). */
+static float kth_largest(const float *v, int n, int k, float *tmp) {
+    for (int i = 0; i < n; i++) tmp[i] = v[i];
+    int lo = 0, hi = n - 1, want = k - 1; /* position in descending order */
+    while (lo < hi) {
+        const float pivot = tmp[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (tmp[i] > pivot) i++;
+            while (tmp[j] < pivot) j--;
+            if (i <= j) {
+                float t = tmp[i];
+                tmp[i] = tmp[j], tmp[j] = t;
+                i++, j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break; /* tmp[j+1 .. i-1] all equal the pivot */
+    }
+    return tmp[want];
+}
+
+/* Indices of the k largest of score[n] into kept (ascending order; ties at the threshold to the lower index). */
+static void top_indices(const float *score, int n, int k, float *tmp, int *kept) {
+    if (k >= n) {
+        for (int i = 0; i < n; i++) kept[i] = i;
+        return;
+    }
+    const float thr = kth_largest(score, n, k, tmp);
+    int above = 0;
+    for (int i = 0; i < n; i++) above += score[i] > thr;
+    int ties = k - above, c = 0;
+    for (int i = 0; i < n && c < k; i++)
+        if (score[i] > thr || (score[i] == thr && ties-- > 0)) kept[c++] = i;
+}
+
+/* dst[c0:c1] += sum over r < nrows of a[r] * rows[idx[r]][c0:c1], rows of stride `stride`; four rows at a time,
+ * so dst is loaded and stored once per four rows. */
+static void gather_axpy(float *restrict dst, const float *restrict rows, size_t stride, const int *idx,
+                        const float *a, int nrows, int c0, int c1) {
+    int r = 0;
+    for (; r + 4 <= nrows; r += 4) {
+        const float *w0 = rows + idx[r] * stride, *w1 = rows + idx[r + 1] * stride, *w2 = rows + idx[r + 2] * stride,
+                    *w3 = rows + idx[r + 3] * stride;
+        const float a0 = a[r], a1 = a[r + 1], a2 = a[r + 2], a3 = a[r + 3];
+#pragma omp simd
+        for (int c = c0; c < c1; c++) dst[c] += a0 * w0[c] + a1 * w1[c] + a2 * w2[c] + a3 * w3[c];
+    }
+    for (; r < nrows; r++) {
+        const float *w = rows + idx[r] * stride;
+        const float a0 = a[r];
+#pragma omp simd
+        for (int c = c0; c < c1; c++) dst[c] += a0 * w[c];
+    }
+}
+
+/* x [T, D] -> out [T, D], token by token; keep_in of D channels and keep_h of F neurons per token.
+ * Returns 0, or -1 for keeps outside [1, D] and [1, F]. */
+int factorllm_sparse_ffn(const SparseArgs *args, const float *x, int T, int keep_in, int keep_h, float *out) {
+    const int D = args->D, F = args->F, m = args->gated ? 2 : 1, mF = m * F;
+    if (keep_in < 1 || keep_in > D || keep_h < 1 || keep_h > F) return -1;
+    float *h = args->h, *score = args->score, *tmp = args->score + (D > F ? D : F), *a = tmp;
+    int *kept = args->kept;
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * D;
+        float *ot = out + (size_t)t * D;
+#pragma omp parallel
+        {
+            const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+#pragma omp single
+            {
+                for (int j = 0; j < D; j++) score[j] = fabsf(xt[j]) * args->col[j];
+                top_indices(score, D, keep_in, tmp, kept);
+                for (int r = 0; r < keep_in; r++) a[r] = xt[kept[r]]; /* tmp is free again: the coefficients */
+            }
+            { /* gate/up: this thread's columns of every kept channel's row, in chunks of 16 floats (64 B) */
+                const int chunks = (mF + 15) / 16, c0 = (int)((long)chunks * id / nt) * 16,
+                          c1 = (int)((long)chunks * (id + 1) / nt) * 16;
+                const int e0 = c0 < mF ? c0 : mF, e1 = c1 < mF ? c1 : mF;
+                for (int c = e0; c < e1; c++) h[c] = args->b_in ? args->b_in[c] : 0.0f;
+                gather_axpy(h, args->w_in_t, (size_t)mF, kept, a, keep_in, e0, e1);
+            }
+#pragma omp barrier
+#pragma omp single
+            {
+                act_rows(h, F, args->gated, 1.0f, args->act);
+                for (int i = 0; i < F; i++) score[i] = fabsf(h[i]) * args->out_norm[i];
+                top_indices(score, F, keep_h, tmp, kept);
+                for (int r = 0; r < keep_h; r++) a[r] = h[kept[r]];
+            }
+            { /* down: this thread's output columns of every kept neuron's row */
+                const int chunks = (D + 15) / 16, c0 = (int)((long)chunks * id / nt) * 16,
+                          c1 = (int)((long)chunks * (id + 1) / nt) * 16;
+                const int e0 = c0 < D ? c0 : D, e1 = c1 < D ? c1 : D;
+                for (int c = e0; c < e1; c++) ot[c] = args->b_out ? args->b_out[c] : 0.0f;
+                gather_axpy(ot, args->w_out_t, (size_t)D, kept, a, keep_h, e0, e1);
+            }
+        }
+    }
+    return 0;
+}
