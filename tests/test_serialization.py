@@ -1,4 +1,4 @@
-"""save then load gives the same model; load refuses what is not a factorllm save."""
+"""save then load gives the same model (factorized or sparsified); load refuses what is not a factorllm save."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from conftest import tiny_model, token_batch
 
 from factorllm import FactorConfig, convert_, load, load_model, save
+from factorllm.adapters import adapter_for, find_ffns
+from factorllm.sparsity import SparsityConfig, densify_, sparse_layers, sparsify_
 
 
 @pytest.mark.parametrize("family,cfg", [
@@ -67,5 +69,46 @@ def test_load_refuses_a_newer_format(tmp_path, llama):
 
 
 def test_save_refuses_a_dense_model(tmp_path, llama):
-    with pytest.raises(ValueError, match="convert_ first"):
+    with pytest.raises(ValueError, match="call factorllm.convert_ or factorllm.sparsify_ first"):
         save(llama, tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D weights, stored transposed
+def test_a_sparsified_model_saves_as_a_stock_checkpoint_and_loads_back_sparse(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    model = sparsify_(tiny_model(family), SparsityConfig(0.5, 0.4, dense_layers=(1,)))
+    block = sparse_layers(model)[0][1]
+    with torch.no_grad():  # as fine-tuning would: weights that differ from the dense model's
+        for p in block.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    block.neuron_keep = 0.6  # a layer's own keep survives too
+    ids = token_batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        want_dense = densify_(copy.deepcopy(model))(input_ids=ids).logits
+    save(model, tmp_path / "m")
+    loaded, _ = load(tmp_path / "m")
+    assert loaded.sparsity_config == model.sparsity_config
+    assert sparse_layers(loaded)[0][1].neuron_keep == 0.6
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # no factorllm code: the dense FFNs, new weights
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
+        torch.testing.assert_close(stock(input_ids=ids).logits, want_dense, atol=1e-6, rtol=1e-6)
+        assert (want - want_dense).abs().max() > 1e-3  # the sparse and the dense runs do differ
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "gpt2", "gpt_neox"])
+def test_densify_undoes_sparsify_and_keeps_the_sparse_weights(family):
+    dense = tiny_model(family)
+    model = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.5))
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(densify_(copy.deepcopy(model))(input_ids=ids).logits, dense(input_ids=ids).logits,
+                                   atol=0, rtol=0)
+        block = sparse_layers(model)[0][1]
+        block.w_out.mul_(0.5)
+        back = densify_(model)
+    assert not sparse_layers(back) and not hasattr(back, "sparsity_config")
+    mlp = find_ffns(back)[0][1]
+    torch.testing.assert_close(adapter_for(mlp).read(mlp).w_out, block.w_out, atol=0, rtol=0)

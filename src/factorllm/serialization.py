@@ -1,14 +1,19 @@
-"""Save and load factorized models: safetensors weights, the model's HF config, and `factorllm.json`.
+"""Save and load factorized and sparsified models: safetensors weights, the model's HF config, and
+`factorllm.json`.
 
 Folder layout:
     config.json         the dense model's transformers config
-    factorllm.json      format version, FactorConfig, and each MoE block's expert widths
-    model.safetensors   every weight of the factorized model
+    factorllm.json      format version, FactorConfig, and each MoE block's expert widths; or, for a sparsified
+                        model (`"kind": "sparsity"`), its SparsityConfig and each layer's keeps
+    model.safetensors   every weight of the factorized model; a sparsified model's weights under the dense
+                        model's names (stock transformers loads the folder as a dense model)
     tokenizer files     when a tokenizer is given
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -22,13 +27,14 @@ from torch import nn
 
 from factorllm.config import FactorConfig
 from factorllm.moe import MoEFeedForward, moe_layers
+from factorllm.sparsity import SparsityConfig, densify_, sparse_layers, sparsify_
 
 FORMAT_VERSION = 1
 MARKER = "factorllm.json"
 
 
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Writes a factorized model (and optionally its tokenizer) to `folder`, atomically.
+    """Writes a factorized or sparsified model (and optionally its tokenizer) to `folder`, atomically.
 
     The files are written to a temporary sibling folder and moved into place at the end, so an interrupted
     save never leaves a half-written model behind, and an existing folder is only replaced with `overwrite`.
@@ -37,32 +43,16 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, overwri
         >>> factorllm.save(model, "out/smollm2-8e", tokenizer)
     """
     folder = Path(folder)
-    layers = moe_layers(model)
-    if not layers or getattr(model, "factor_config", None) is None:
-        raise ValueError("save() writes factorized models; call factorllm.convert_ first (or use save_pretrained)")
+    meta, to_write = _describe(model)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; choose another folder or pass overwrite=True (--overwrite)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.config.save_pretrained(tmp)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "factor_config": model.factor_config.to_dict(),
-            "source_model": getattr(model, "factor_source", None),
-            "layers": {
-                name: {
-                    "expert_sizes": block.experts.sizes,
-                    "shared_size": 0 if block.shared is None else block.shared.sizes[0],
-                    "gating": block.router.gating,
-                    "top_k": block.router.top_k,
-                }
-                for name, block in layers
-            },
-        }
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
         # NOTE: save_model (not save_file) handles tied weights such as a shared embedding and LM head.
-        save_safetensors_model(model, str(tmp / "model.safetensors"))
+        save_safetensors_model(to_write, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if folder.exists():
@@ -78,6 +68,39 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, overwri
     return folder
 
 
+def _describe(model: nn.Module) -> tuple[dict, nn.Module]:
+    """The marker file's content and the module whose weights are written.
+
+    A sparsified model is written as its dense model (the SparseFFNs' weights under the dense FFNs' names: the
+    folder is a checkpoint that stock transformers loads, running densely) plus its keeps in the marker."""
+    layers, sparse = moe_layers(model), sparse_layers(model)
+    if sparse and not layers:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "sparsity",
+            "sparsity_config": dataclasses.asdict(model.sparsity_config),
+            "source_model": getattr(model, "factor_source", None),
+            "layers": {name: {"input_keep": b.input_keep, "neuron_keep": b.neuron_keep} for name, b in sparse},
+        }, densify_(copy.deepcopy(model))
+    if not layers or getattr(model, "factor_config", None) is None:
+        raise ValueError("save() writes factorized or sparsified models; call factorllm.convert_ or "
+                         "factorllm.sparsify_ first (or use save_pretrained for a dense model)")
+    return {
+        "format_version": FORMAT_VERSION,
+        "factor_config": model.factor_config.to_dict(),
+        "source_model": getattr(model, "factor_source", None),
+        "layers": {
+            name: {
+                "expert_sizes": block.experts.sizes,
+                "shared_size": 0 if block.shared is None else block.shared.sizes[0],
+                "gating": block.router.gating,
+                "top_k": block.router.top_k,
+            }
+            for name, block in layers
+        },
+    }, model
+
+
 def is_factorllm_folder(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MARKER).is_file()
 
@@ -88,7 +111,7 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
     Example:
         >>> model, tok = factorllm.load("out/smollm2-8e")
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -103,9 +126,16 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
             f"{folder} has factorllm format version {meta.get('format_version')}, this factorllm reads "
             f"{FORMAT_VERSION}; upgrade factorllm"
         )
-    config = FactorConfig.from_dict(meta["factor_config"])
     hf_config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    if meta.get("kind") == "sparsity":
+        _load_weights(model, folder)
+        sparsify_(model, SparsityConfig(**meta["sparsity_config"]))
+        for name, keeps in meta["layers"].items():
+            block = model.get_submodule(name)
+            block.input_keep, block.neuron_keep = keeps["input_keep"], keeps["neuron_keep"]
+        return _finish(model, meta, folder)
+    config = FactorConfig.from_dict(meta["factor_config"])
     for name, spec in meta["layers"].items():
         mlp = model.get_submodule(name)
         shared_n = spec["shared_size"]
@@ -120,13 +150,24 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
         model.set_submodule(
             name, MoEFeedForward.from_dense(mlp, layer_cfg, part, order[:shared_n] if shared_n else None)
         )
+    _load_weights(model, folder)
+    model.factor_config = config
+    return _finish(model, meta, folder)
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
     missing, unexpected = load_safetensors_model(model, str(folder / "model.safetensors"), strict=False)
     if unexpected or missing:
         raise ValueError(
             f"{folder}/model.safetensors does not match its config (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}); the folder is damaged, save the model again"
         )
-    model.factor_config = config
+
+
+def _finish(model: nn.Module, meta: dict, folder: Path):
+    """(model, tokenizer or None): the source recorded, eval mode, the tokenizer if one was saved."""
+    from transformers import AutoTokenizer
+
     model.factor_source = meta.get("source_model")
     model.eval()
     tokenizer = None

@@ -21,6 +21,7 @@ Legend: T tokens, D hidden, F FFN width.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -105,9 +106,9 @@ class SparseFFN(nn.Module):
         super().__init__()
         self.gated, self.act = ffn.gated, ffn.act
         self.input_keep, self.neuron_keep = input_keep, neuron_keep
-        copy = lambda t: None if t is None else nn.Parameter(t.detach().clone())  # noqa: E731
-        self.w_in, self.w_up, self.w_out = copy(ffn.w_in), copy(ffn.w_up), copy(ffn.w_out)  # [F, D], [F, D], [D, F]
-        self.b_in, self.b_up, self.b_out = copy(ffn.b_in), copy(ffn.b_up), copy(ffn.b_out)
+        param = lambda t: None if t is None else nn.Parameter(t.detach().clone())  # noqa: E731
+        self.w_in, self.w_up, self.w_out = param(ffn.w_in), param(ffn.w_up), param(ffn.w_out)  # [F, D], [F, D], [D, F]
+        self.b_in, self.b_up, self.b_out = param(ffn.b_in), param(ffn.b_up), param(ffn.b_out)
         self._kernel: native.SparseKernel | None = None  # see `kernel`
 
     def __getstate__(self) -> dict:
@@ -115,7 +116,31 @@ class SparseFFN(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, config: SparsityConfig) -> SparseFFN:
-        return cls(adapter_for(mlp).read(mlp), config.input_keep, config.neuron_keep)
+        block = cls(adapter_for(mlp).read(mlp), config.input_keep, config.neuron_keep)
+        if any(True for _ in mlp.buffers()):
+            raise ValueError(f"{type(mlp).__name__} holds buffers; SparseFFN rebuilds the dense module from its "
+                             "weights alone (see `to_dense`), so it cannot take this FFN")
+        # NOTE: the dense module's structure without its weights (meta tensors), kept outside the module tree so it
+        # is neither a parameter nor saved: `to_dense` fills a copy with this block's weights
+        object.__setattr__(block, "_dense_template", copy.deepcopy(mlp).to("meta"))
+        return block
+
+    def to_dense(self) -> nn.Module:
+        """The dense FFN module this block came from, holding this block's (possibly fine-tuned) weights."""
+        template = getattr(self, "_dense_template", None)
+        if template is None:
+            raise ValueError("this SparseFFN was built from FFNWeights, not from a module (SparseFFN.from_dense); "
+                             "it has no dense module to write back to")
+        mlp = copy.deepcopy(template).to_empty(device=self.w_in.device).to(self.w_in.dtype)
+        target = adapter_for(mlp).read(mlp)  # views of mlp's parameters (transposed for GPT-2's Conv1D)
+        with torch.no_grad():
+            for name in ("w_in", "w_up", "w_out", "b_in", "b_up", "b_out"):
+                src, dst = getattr(self, name), getattr(target, name)
+                if (src is None) != (dst is None):
+                    raise ValueError(f"{name}: the block and its dense module disagree on whether it exists")
+                if dst is not None:
+                    dst.copy_(src)
+        return mlp
 
     @property
     def width(self) -> int:
@@ -196,6 +221,17 @@ def sparsify_(model: nn.Module, config: SparsityConfig) -> nn.Module:
         if i not in config.dense_layers:
             model.set_submodule(name, SparseFFN.from_dense(mlp, config))
     model.sparsity_config = config
+    return model
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Undoes `sparsify_` in place: every SparseFFN becomes its dense module again, holding the SparseFFN's
+    weights (fine-tuned or not). The result is a plain transformers model (`save_pretrained` writes a checkpoint
+    that stock tools load); it runs every channel and neuron."""
+    for name, block in sparse_layers(model):
+        model.set_submodule(name, block.to_dense())
+    if hasattr(model, "sparsity_config"):
+        del model.sparsity_config
     return model
 
 
