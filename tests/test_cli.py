@@ -73,6 +73,40 @@ def test_train_cli_trains_routers_and_saves(tiny_folder, tmp_path):
                  "--steps", "3", "--output", str(tmp_path / "run")]) == 2
 
 
+def test_sparsify_then_train_the_sparse_ffns_from_the_cli(tiny_folder, tmp_path, capsys):
+    from factorllm.sparsity import sparse_layers
+
+    sparse = tmp_path / "sparse"
+    assert main(["sparsify", "--model", str(tiny_folder), "--input-keep", "0.6", "--compute", "0.75",
+                 "--dense-layers", "0", "--output", str(sparse)]) == 0
+    assert "75.0% of the FFN compute over 2 layers" in capsys.readouterr().out  # layer 0 dense, layer 1 at 50%
+    before, tok = load(sparse)
+    assert tok is not None and [n for n, _ in sparse_layers(before)] == ["model.layers.1.mlp"]
+    assert before.sparsity_config.neuron_keep == pytest.approx(0.3)
+    text = tmp_path / "corpus.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    run = ["train", "--model", str(sparse), "--data", str(text), "--window", "64", "--tokens", "1024", "--steps", "2",
+           "--batch-size", "2", "--mode", "end2end", "--lr", "1e-3"]
+    assert main([*run, "--train", "router", "--output", str(tmp_path / "r0")]) == 2  # no routers: says so
+    assert "train_router=False" in capsys.readouterr().err
+    assert main([*run, "--train", "experts", "--output", str(tmp_path / "r1")]) == 0  # teacher: the recorded source
+    after, _ = load(tmp_path / "r1" / "model")
+    w = lambda m: sparse_layers(m)[0][1].w_out  # noqa: E731
+    assert not torch.equal(w(before), w(after))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--neuron-keep", "1.5"], "neuron_keep=1.5 must be in (0, 1]"),
+    (["--compute", "0.2"], "choose input_keep in"),  # 0.6 of the inputs already costs more than 20%
+    (["--compute", "0.4", "--dense-layers", "0"], "dense layers alone run 50% of the FFN compute"),
+])
+def test_sparsify_bad_input_is_one_clear_line(tiny_folder, tmp_path, capsys, bad, message):
+    rc = main(["sparsify", "--model", str(tiny_folder), "--input-keep", "0.6", "--output", str(tmp_path / "o"), *bad])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_cli_on_a_factorized_tiny_model(tiny_folder, tmp_path, capsys):
     import json
 

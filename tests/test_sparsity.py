@@ -137,6 +137,8 @@ def test_compute_accounting_and_for_compute():
     assert (1 + 9 * cfg.ffn_compute()) / 10 == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"choose input_keep in \[0.250, 0.750\)"):
         SparsityConfig.for_compute(0.5, 0.8)
+    with pytest.raises(ValueError, match="dense layers alone run 50% of the FFN compute"):
+        SparsityConfig.for_compute(0.5, 0.5, dense_layers=(0,), num_layers=2)
     with pytest.raises(ValueError, match="needs num_layers"):
         SparsityConfig.for_compute(0.5, 0.6, dense_layers=(0,))
 

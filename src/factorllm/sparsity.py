@@ -78,6 +78,9 @@ class SparsityConfig:
         if n_dense and num_layers is None:
             raise ValueError("dense_layers needs num_layers, to spread the compute over the sparse layers")
         sparse = fraction if not n_dense else (fraction * num_layers - n_dense) / (num_layers - n_dense)
+        if sparse <= 0:
+            raise ValueError(f"the {n_dense} dense layers alone run {n_dense / num_layers:.0%} of the FFN compute, at "
+                             f"least fraction={fraction}: raise the fraction or keep fewer layers dense")
         neuron_keep = 3 * sparse - 2 * input_keep if gated else 2 * sparse - input_keep
         if not 0 < neuron_keep <= 1:
             lo, hi = ((3 * sparse - 1) / 2, 3 * sparse / 2) if gated else (2 * sparse - 1, 2 * sparse)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factorllm.cli import bench, convert, eval, export, run, train
+from factorllm.cli import bench, convert, eval, export, run, sparsify, train
 
-SUBCOMMANDS = [run, convert, train, eval, export, bench]
+SUBCOMMANDS = [run, convert, sparsify, train, eval, export, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
