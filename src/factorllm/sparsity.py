@@ -119,10 +119,10 @@ class SparseFFN(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, config: SparsityConfig) -> SparseFFN:
-        block = cls(adapter_for(mlp).read(mlp), config.input_keep, config.neuron_keep)
         if any(True for _ in mlp.buffers()):
             raise ValueError(f"{type(mlp).__name__} holds buffers; SparseFFN rebuilds the dense module from its "
                              "weights alone (see `to_dense`), so it cannot take this FFN")
+        block = cls(adapter_for(mlp).read(mlp), config.input_keep, config.neuron_keep)
         # NOTE: the dense module's structure without its weights (meta tensors), kept outside the module tree so it
         # is neither a parameter nor saved: `to_dense` fills a copy with this block's weights
         object.__setattr__(block, "_dense_template", copy.deepcopy(mlp).to("meta"))
