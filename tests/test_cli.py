@@ -93,6 +93,10 @@ def test_sparsify_then_train_the_sparse_ffns_from_the_cli(tiny_folder, tmp_path,
     after, _ = load(tmp_path / "r1" / "model")
     w = lambda m: sparse_layers(m)[0][1].w_out  # noqa: E731
     assert not torch.equal(w(before), w(after))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "r1" / "model"), "--window", "64", "--eval-windows", "1",
+                 "--cloze", "0", "--tasks", "none"]) == 0
+    assert "ppl: pydoc" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bad,message", [
