@@ -1,6 +1,6 @@
 """Wall clock of activation sparsity (`factorllm.sparsify_`) against dense, side by side in one process.
 
-- One FFN layer (SmolLM2's 576x1536 and TinyLlama's 2048x5632 shapes, random weights): the dense LlamaMLP, the
+- One FFN layer (SmolLM2's 576x1536 and TinyLlama's 2048x5632 shapes unless --shapes, random weights): the dense LlamaMLP, the
   SparseFFN as it runs (the native kernel up to `sparsity.KERNEL_MAX_TOKENS` tokens, where each token reads only
   its kept weights; masked dense products above), and the masked products alone, at 1, 4 and 512 tokens.
 - The whole model (SmolLM2 unless --model): 512-token prefill and 32-token greedy decode through `generate`,
@@ -43,6 +43,7 @@ def bench_layer(hidden: int, width: int, tokens: int, cfg: SparsityConfig, repea
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="whole-model timing on this model ('' to skip)")
+    ap.add_argument("--shapes", default="576x1536,2048x5632", help="FFN layer shapes, hidden x ffn, comma-separated")
     ap.add_argument("--input-keep", type=float, default=0.55)
     ap.add_argument("--neuron-keep", type=float, default=0.40)
     ap.add_argument("--repeats", type=int, default=30, help="layer timings per contender")
@@ -53,7 +54,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SparsityConfig(args.input_keep, args.neuron_keep)
-    layers = [bench_layer(h, f, t, cfg, args.repeats) for h, f in ((576, 1536), (2048, 5632)) for t in (1, 4, 512)]
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        assert all(len(s) == 2 for s in shapes)
+    except (ValueError, AssertionError):
+        ap.error(f"--shapes takes hidden x ffn pairs such as 576x1536,2048x5632; got {args.shapes!r}")
+    layers = [bench_layer(h, f, t, cfg, args.repeats) for h, f in shapes for t in (1, 4, 512)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; input / neuron keep "
           f"{cfg.input_keep} / {cfg.neuron_keep} ({cfg.ffn_compute():.1%} of the FFN); kernel up to "
           f"{KERNEL_MAX_TOKENS} tokens; median of {args.repeats} interleaved runs")

@@ -81,3 +81,26 @@ def test_activation_sparsity_refuses_a_fraction_it_cannot_reach(tiny_folder):
     assert proc.returncode == 2 and "--fractions in (0, 1]" in proc.stderr
     proc = run("--fractions", "0.04", "--eval-windows", "1", "--window", "32", "--train-tokens", "256")
     assert proc.returncode == 1 and "at 4% of the FFN compute no input share on the grid" in proc.stderr
+
+
+SPEED_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sparse_speed.py"
+
+
+def test_sparse_speed_times_the_layer_and_the_whole_model(tiny_folder, tmp_path):
+    from factorllm import native
+
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SPEED_SCRIPT), "--model", str(tiny_folder), "--shapes", "32x64",
+                           "--repeats", "2", "--model-repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(r["hidden"], r["ffn"], r["tokens"]) for r in res["layers"]] == [(32, 64, 1), (32, 64, 4), (32, 64, 512)]
+    want_path = "native" if native.available() else "masked"
+    assert [r["path"] for r in res["layers"]] == [want_path, want_path, "masked"]
+    assert all(r["sparse_ratio"] > 0 and abs(r["ideal_ratio"] - 0.5) < 1e-9 for r in res["layers"])
+    assert res["model"]["decode_speedup"] > 0 and "whole model" in proc.stdout
+    bad = subprocess.run([sys.executable, str(SPEED_SCRIPT), "--shapes", "576"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert bad.returncode == 2 and "--shapes takes hidden x ffn pairs" in bad.stderr
