@@ -1,8 +1,9 @@
 """Wall clock of activation sparsity (`factorllm.sparsify_`) against dense, side by side in one process.
 
-- One FFN layer (SmolLM2's 576x1536 and TinyLlama's 2048x5632 shapes unless --shapes, random weights): the dense LlamaMLP, the
-  SparseFFN as it runs (the native kernel up to `sparsity.KERNEL_MAX_TOKENS` tokens, where each token reads only
-  its kept weights; masked dense products above), and the masked products alone, at 1, 4 and 512 tokens.
+- One FFN layer (SmolLM2's 576x1536 and TinyLlama's 2048x5632 shapes unless --shapes, random weights): the
+  dense LlamaMLP, the SparseFFN as it runs (the native kernel up to `sparsity.KERNEL_MAX_TOKENS` tokens, where each
+  token reads only its kept weights; masked dense products above), and the masked products alone, at 1, 4 and
+  512 tokens.
 - The whole model (SmolLM2 unless --model): 512-token prefill and 32-token greedy decode through `generate`,
   dense against the sparsified model.
 Contenders interleaved run by run after a warm-up, medians (`factorllm.benchmark.time_interleaved`). The
