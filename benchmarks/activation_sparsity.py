@@ -47,6 +47,9 @@ def main() -> int:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--dense-layers", type=int, nargs="*", default=[],
                     help="layers whose FFN stays dense; the others run less to keep the mean compute")
+    ap.add_argument("--exact-neurons", action="store_true",
+                    help="the input-sparse pass only chooses the neurons; the chosen ones run on the whole input "
+                         "(SparsityConfig.exact_neurons)")
     ap.add_argument("--train-tokens", type=int, default=32768)
     ap.add_argument("--train-data", default="kjv+python-source")
     ap.add_argument("--eval-windows", type=int, default=8)
@@ -76,7 +79,7 @@ def main() -> int:
     for frac in args.fractions:
         def config(keep, frac=frac):
             return SparsityConfig.for_compute(frac, keep, gated, dense_layers=tuple(args.dense_layers),
-                                              num_layers=layers)
+                                              num_layers=layers, exact_neurons=args.exact_neurons)
 
         def probe_loss(cfg):
             with torch.no_grad():
@@ -122,6 +125,7 @@ def main() -> int:
             minutes = (time.time() - t0) / 60
             spent += minutes
             row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
+                   "exact_neurons": cfg.exact_neurons,
                    "dense_layers": list(cfg.dense_layers), "ffn_compute": compute, "train_data": args.train_data,
                    "lr": None if tcfg is None else tcfg.lr, "stage": stage, "steps": steps,
                    "train_minutes": minutes, "ppl": {}}

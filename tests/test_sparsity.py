@@ -40,6 +40,8 @@ def naive_sparse_ffn(block: SparseFFN, x: torch.Tensor) -> torch.Tensor:
         if w.gated:
             h = h * (w.w_up[:, c] @ xt[c] + (0 if w.b_up is None else w.b_up))
         n = (h.abs() * w.w_out.norm(dim=0)).topk(n_h).indices  # kept neurons
+        if block.exact_neurons:  # chosen from the input-sparse values, computed on the whole input
+            h = w.intermediate(xt[None])[0]
         out.append(w.w_out[:, n] @ h[n] + (0 if w.b_out is None else w.b_out))
     return torch.stack(out)
 
@@ -47,16 +49,19 @@ def naive_sparse_ffn(block: SparseFFN, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["llama", "llama-bias", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("keep", [(0.5, 0.25), (0.75, 0.5), (0.2, 1.0)])
 @pytest.mark.parametrize("tokens", [12, 1, 3])  # 12: the masked products; 1 and 3: the native kernel
-def test_sparse_ffn_matches_the_per_token_reference(family, keep, tokens):
+@pytest.mark.parametrize("exact", [False, True])
+def test_sparse_ffn_matches_the_per_token_reference(family, keep, tokens, exact):
     mlp = find_ffns(tiny_model(family))[0][1]
-    block = SparseFFN.from_dense(mlp, SparsityConfig(*keep))
+    block = SparseFFN.from_dense(mlp, SparsityConfig(*keep, exact_neurons=exact))
     x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = block(x[None])[0]
         want = naive_sparse_ffn(block, x)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         full = adapter_for(mlp).read(mlp)(x)
-    if keep != (1.0, 1.0):
+    if exact and keep[1] == 1.0:  # every neuron, computed exactly: the dense FFN, whatever the input share
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    else:
         assert (got - full).abs().max() > 1e-3  # the masks do change the output
     ran_kernel = block._kernel is not None
     assert ran_kernel == (native.available() and tokens <= KERNEL_MAX_TOKENS)
@@ -135,6 +140,13 @@ def test_compute_accounting_and_for_compute():
     # layer 0 dense: the other 9 layers make up the rest of 50% over 10 layers
     cfg = SparsityConfig.for_compute(0.5, 0.5, dense_layers=(0,), num_layers=10)
     assert (1 + 9 * cfg.ffn_compute()) / 10 == pytest.approx(0.5)
+    # exact neurons: the input share only chooses; each kept neuron costs a whole row of every matrix
+    exact = SparsityConfig(0.15, 0.15, exact_neurons=True)
+    assert exact.ffn_compute(gated=True) == pytest.approx(0.25)
+    assert exact.ffn_compute(gated=False) == pytest.approx(0.225)
+    assert SparsityConfig.for_compute(0.25, 0.15, exact_neurons=True).neuron_keep == pytest.approx(0.15)
+    with pytest.raises(ValueError, match=r"choose input_keep in \[0.000, 0.375\)"):
+        SparsityConfig.for_compute(0.25, 0.5, exact_neurons=True)
     with pytest.raises(ValueError, match=r"choose input_keep in \[0.250, 0.750\)"):
         SparsityConfig.for_compute(0.5, 0.8)
     with pytest.raises(ValueError, match="dense layers alone run 50% of the FFN compute"):

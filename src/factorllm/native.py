@@ -304,8 +304,8 @@ class _SparseArgs(ctypes.Structure):
     """Mirror of SparseArgs in csrc/moe_kernels.c."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("w_in_t", "b_in", "col", "w_out_t", "out_norm", "b_out", "h", "score", "kept")]
-    _fields_ += [(name, ctypes.c_int) for name in ("D", "F", "gated", "act")]
+                ("w_in_t", "b_in", "col", "w_out_t", "out_norm", "b_out", "w_gate", "w_up", "h", "score", "kept")]
+    _fields_ += [(name, ctypes.c_int) for name in ("D", "F", "gated", "act", "exact")]
 
 
 class SparseKernel:
@@ -326,16 +326,19 @@ class SparseKernel:
                 [torch.zeros(F) if b is None else b for b in biases])  # [m*F]
             self.tensors = (w_in.t().contiguous(), b_in, ffn.channel_norms().contiguous(),  # [D, m*F], [m*F], [D]
                             ffn.w_out.t().contiguous(), ffn.neuron_norms().contiguous(),  # [F, D], [F]
-                            None if ffn.b_out is None else ffn.b_out.detach().contiguous())  # [D]
+                            None if ffn.b_out is None else ffn.b_out.detach().contiguous(),  # [D]
+                            # exact neurons: the input projections' rows as they are, [F, D] (no copy)
+                            ffn.w_in.detach().contiguous() if ffn.exact_neurons else None,
+                            ffn.w_up.detach().contiguous() if ffn.exact_neurons and ffn.gated else None)
         side = max(D, F)
         self.h, self.score = torch.empty(w_in.shape[0]), torch.empty(2 * side)  # scratch: calls are serial
         self.kept = torch.empty(side, dtype=torch.int32)
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         self.args = _SparseArgs(*map(ptr, self.tensors), self.h.data_ptr(), self.score.data_ptr(),
-                                self.kept.data_ptr(), D, F, int(ffn.gated), act)
+                                self.kept.data_ptr(), D, F, int(ffn.gated), act, int(ffn.exact_neurons))
         self.args_ref = ctypes.byref(self.args)
         self.key = sparse_key(ffn)
-        self.D = D
+        self.D, self.exact = D, ffn.exact_neurons
         self._fn = _lib().factorllm_sparse_ffn
 
     def __call__(self, x: torch.Tensor, keep_in: int, keep_h: int) -> torch.Tensor:

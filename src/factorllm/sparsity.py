@@ -21,6 +21,7 @@ Legend: T tokens, D hidden, F FFN width.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ class SparsityConfig:
         input_keep: share of hidden channels the input projections read, in (0, 1].
         neuron_keep: share of the FFN's neurons the output projection reads, in (0, 1].
         dense_layers: decoder layers (0-based) whose FFN stays dense.
+        exact_neurons: the input-sparse pass only chooses the neurons; the chosen ones are then computed on the
+            full input (their gate, up and down rows: each costs a whole neuron), instead of using the
+            input-sparse values as they are.
 
     Example:
         >>> SparsityConfig.for_compute(0.5, input_keep=0.6)  # neuron_keep 0.3: (2 * 0.6 + 0.3) / 3 = 0.5
@@ -52,6 +56,7 @@ class SparsityConfig:
     input_keep: float
     neuron_keep: float
     dense_layers: tuple[int, ...] = ()
+    exact_neurons: bool = False
 
     def __post_init__(self) -> None:
         for name in ("input_keep", "neuron_keep"):
@@ -65,13 +70,13 @@ class SparsityConfig:
 
     def ffn_compute(self, gated: bool = True) -> float:
         """Share of a dense FFN's multiply-adds a sparse layer runs per token."""
-        if gated:
-            return (2 * self.input_keep + self.neuron_keep) / 3
-        return (self.input_keep + self.neuron_keep) / 2
+        per_input, per_neuron = _costs(gated, self.exact_neurons)
+        return per_input * self.input_keep + per_neuron * self.neuron_keep
 
     @classmethod
     def for_compute(cls, fraction: float, input_keep: float, gated: bool = True,
-                    dense_layers: tuple[int, ...] = (), num_layers: int | None = None) -> SparsityConfig:
+                    dense_layers: tuple[int, ...] = (), num_layers: int | None = None,
+                    exact_neurons: bool = False) -> SparsityConfig:
         """The config that runs `fraction` of the FFN compute, averaged over `num_layers` layers of which
         `dense_layers` run in full, with `input_keep` given: neuron_keep follows."""
         n_dense = len(set(dense_layers))
@@ -81,13 +86,23 @@ class SparsityConfig:
         if sparse <= 0:
             raise ValueError(f"the {n_dense} dense layers alone run {n_dense / num_layers:.0%} of the FFN compute, at "
                              f"least fraction={fraction}: raise the fraction or keep fewer layers dense")
-        neuron_keep = 3 * sparse - 2 * input_keep if gated else 2 * sparse - input_keep
+        per_input, per_neuron = _costs(gated, exact_neurons)
+        neuron_keep = (sparse - per_input * input_keep) / per_neuron
         if not 0 < neuron_keep <= 1:
-            lo, hi = ((3 * sparse - 1) / 2, 3 * sparse / 2) if gated else (2 * sparse - 1, 2 * sparse)
+            lo, hi = (sparse - per_neuron) / per_input, sparse / per_input
             raise ValueError(f"{fraction:.0%} of the FFN compute with input_keep={input_keep} leaves neuron_keep="
                              f"{neuron_keep:.3f}, outside (0, 1]; choose input_keep in [{max(lo, 0):.3f}, "
                              f"{min(hi, 1):.3f})")
-        return cls(input_keep, neuron_keep, tuple(dense_layers))
+        return cls(input_keep, neuron_keep, tuple(dense_layers), exact_neurons)
+
+
+def _costs(gated: bool, exact_neurons: bool) -> tuple[float, float]:
+    """(compute per unit of input_keep, per unit of neuron_keep), as shares of the dense FFN.
+
+    The input projections are 2 of a gated FFN's 3 matrices (1 of a plain FFN's 2); a kept neuron's value costs
+    its share of the output projection, or, computed exactly on the full input, its whole row in every matrix."""
+    per_input = 2 / 3 if gated else 1 / 2
+    return per_input, 1.0 if exact_neurons else 1 - per_input
 
 
 def top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -105,10 +120,10 @@ class SparseFFN(nn.Module):
     FFN's in `nn.Linear` orientation, trainable like any parameter (masks pass gradient to what they keep).
     """
 
-    def __init__(self, ffn: FFNWeights, input_keep: float, neuron_keep: float) -> None:
+    def __init__(self, ffn: FFNWeights, input_keep: float, neuron_keep: float, exact_neurons: bool = False) -> None:
         super().__init__()
         self.gated, self.act = ffn.gated, ffn.act
-        self.input_keep, self.neuron_keep = input_keep, neuron_keep
+        self.input_keep, self.neuron_keep, self.exact_neurons = input_keep, neuron_keep, exact_neurons
         param = lambda t: None if t is None else nn.Parameter(t.detach().clone())  # noqa: E731
         self.w_in, self.w_up, self.w_out = param(ffn.w_in), param(ffn.w_up), param(ffn.w_out)  # [F, D], [F, D], [D, F]
         self.b_in, self.b_up, self.b_out = param(ffn.b_in), param(ffn.b_up), param(ffn.b_out)
@@ -122,7 +137,7 @@ class SparseFFN(nn.Module):
         if any(True for _ in mlp.buffers()):
             raise ValueError(f"{type(mlp).__name__} holds buffers; SparseFFN rebuilds the dense module from its "
                              "weights alone (see `to_dense`), so it cannot take this FFN")
-        block = cls(adapter_for(mlp).read(mlp), config.input_keep, config.neuron_keep)
+        block = cls(adapter_for(mlp).read(mlp), config.input_keep, config.neuron_keep, config.exact_neurons)
         # NOTE: the dense module's structure without its weights (meta tensors), kept outside the module tree so it
         # is neither a parameter nor saved: `to_dense` fills a copy with this block's weights
         object.__setattr__(block, "_dense_template", copy.deepcopy(mlp).to("meta"))
@@ -180,13 +195,17 @@ class SparseFFN(nn.Module):
         """The reference and training path: masks on dense products, x [T, D] -> [T, D]."""
         with torch.no_grad():  # the masks are choices, not functions to differentiate
             mask_in = top_mask(x.abs() * self.channel_norms(), keep_in)  # [T, D]
-        x = x * mask_in
-        h = self.act(nn.functional.linear(x, self.w_in, self.b_in))  # [T, F]
-        if self.gated:
-            h = h * nn.functional.linear(x, self.w_up, self.b_up)
-        with torch.no_grad():
-            mask_h = top_mask(h.abs() * self.neuron_norms(), keep_h)  # [T, F]
+        with torch.no_grad() if self.exact_neurons else contextlib.nullcontext():  # exact: the pass only chooses
+            h = self._hidden(x * mask_in)  # [T, F]
+            mask_h = top_mask(h.detach().abs() * self.neuron_norms(), keep_h)  # [T, F]
+        if self.exact_neurons:
+            h = self._hidden(x)  # the chosen neurons' values on the full input (masked below)
         return nn.functional.linear(h * mask_h, self.w_out, self.b_out)
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Neuron activations: [T, D] -> [T, F]."""
+        h = self.act(nn.functional.linear(x, self.w_in, self.b_in))
+        return h * nn.functional.linear(x, self.w_up, self.b_up) if self.gated else h
 
     def kernel(self, x: torch.Tensor) -> native.SparseKernel | None:
         """The native kernel for these weights, or None where it does not apply (then: the masked path): the
@@ -194,7 +213,8 @@ class SparseFFN(nn.Module):
         change (it holds a transposed copy)."""
         if not native.available() or x.dtype is not torch.float32 or not x.is_cpu:
             return None
-        if self._kernel is not None and self._kernel.key == native.sparse_key(self):
+        if (self._kernel is not None and self._kernel.key == native.sparse_key(self)
+                and self._kernel.exact == self.exact_neurons):
             return self._kernel
         act = native.act_code(self.act)
         if act is None or any(p.dtype is not torch.float32 or not p.is_cpu for p in self.parameters()):
@@ -203,7 +223,8 @@ class SparseFFN(nn.Module):
         return self._kernel
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, input_keep={self.input_keep:.3f}, neuron_keep={self.neuron_keep:.3f}"
+        exact = ", exact_neurons=True" if self.exact_neurons else ""
+        return f"width={self.width}, input_keep={self.input_keep:.3f}, neuron_keep={self.neuron_keep:.3f}{exact}"
 
 
 def _count(share: float, n: int) -> int:

@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     keep.add_argument("--neuron-keep", type=float, help="share of neurons the down projection reads per token")
     keep.add_argument("--compute", type=float,
                       help="share of the FFN compute to run (mean over layers); the neuron share follows")
+    p.add_argument("--exact-neurons", action="store_true",
+                   help="the input-sparse pass only chooses the neurons; the chosen ones run on the whole input")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layers whose FFN stays dense")
     p.add_argument("--output", required=True, help="folder to write the sparsified model to")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     dense_layers = tuple(args.dense_layers)
     if args.neuron_keep is not None:  # validated before anything is loaded
-        cfg = SparsityConfig(args.input_keep, args.neuron_keep, dense_layers)
+        cfg = SparsityConfig(args.input_keep, args.neuron_keep, dense_layers, args.exact_neurons)
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --output or pass --overwrite")
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     ffns = find_ffns(model)
     gated = adapter_for(ffns[0][1]).read(ffns[0][1]).gated
     if args.compute is not None:
-        cfg = SparsityConfig.for_compute(args.compute, args.input_keep, gated, dense_layers, len(ffns))
+        cfg = SparsityConfig.for_compute(args.compute, args.input_keep, gated, dense_layers, len(ffns),
+                                         args.exact_neurons)
     sparsify_(model, cfg)
     model.factor_source = args.model  # the dense model: `factorllm train` uses it as the default teacher
     save(model, out, tok, overwrite=args.overwrite)

@@ -373,15 +373,18 @@ int factorllm_moe_prefill_routed(const float *router_w, const float *router_b, i
  * Per token: score the channels |x_j| * col[j], keep the keep_in largest; h = b_in + sum over kept j of
  * x_j * w_in_t[j]; the activation; score the neurons |h_i| * out_norm[i], keep the keep_h largest;
  * out = b_out + sum over kept i of h_i * w_out_t[i]. The sums are split over threads by output columns, so each
- * thread streams its slice of every kept row and no two threads write one output.
+ * thread streams its slice of every kept row and no two threads write one output. With `exact`, the input-sparse
+ * h only chooses the neurons: each kept neuron's value is computed again from its rows of the input projections
+ * on the whole input (SparsityConfig.exact_neurons).
  * The reference it is tested against is SparseFFN's torch forward.
  */
 typedef struct {
     const float *w_in_t, *b_in, *col;      /* [D, m*F], [m*F] or NULL, [D] */
     const float *w_out_t, *out_norm, *b_out; /* [F, D], [F], [D] or NULL */
+    const float *w_gate, *w_up;            /* exact: the input projections' rows [F, D] (w_up NULL if plain) */
     float *h, *score;                      /* scratch: [m*F], [2 * max(D, F)] */
     int *kept;                             /* scratch: [max(D, F)] */
-    int D, F, gated, act;
+    int D, F, gated, act, exact;
 } SparseArgs;
 
 /* The k-th largest of v[n] (1 <= k <= n), by quickselect on tmp (v is left as it is). */
@@ -473,7 +476,19 @@ int factorllm_sparse_ffn(const SparseArgs *args, const float *x, int T, int keep
                 act_rows(h, F, args->gated, 1.0f, args->act);
                 for (int i = 0; i < F; i++) score[i] = fabsf(h[i]) * args->out_norm[i];
                 top_indices(score, F, keep_h, tmp, kept);
-                for (int r = 0; r < keep_h; r++) a[r] = h[kept[r]];
+                if (!args->exact)
+                    for (int r = 0; r < keep_h; r++) a[r] = h[kept[r]];
+            }
+            if (args->exact) { /* the kept neurons on the whole input: one row of each input projection each */
+#pragma omp for schedule(static)
+                for (int r = 0; r < keep_h; r++) {
+                    const int i = kept[r];
+                    const float pre = dot(args->w_gate + (size_t)i * D, xt, D) + (args->b_in ? args->b_in[i] : 0.0f);
+                    float v = factorllm_act(pre, args->act);
+                    if (args->gated)
+                        v *= dot(args->w_up + (size_t)i * D, xt, D) + (args->b_in ? args->b_in[F + i] : 0.0f);
+                    a[r] = v;
+                }
             }
             { /* down: this thread's output columns of every kept neuron's row */
                 const int chunks = (D + 15) / 16, c0 = (int)((long)chunks * id / nt) * 16,
