@@ -7,7 +7,8 @@
 - The whole model (SmolLM2 unless --model): 512-token prefill and 32-token greedy decode through `generate`,
   dense against the sparsified model.
 Contenders interleaved run by run after a warm-up, medians (`factorllm.benchmark.time_interleaved`). The
-ideal for the layer is the share of its weights the kept channels and neurons need, (2 p + n) / 3.
+ideal for the layer is the share of its weights the kept channels and neurons need, (2 p + n) / 3 (with
+--exact-neurons, 2 p / 3 + n).
 
     python benchmarks/sparse_speed.py --json results/sparse_speed.json
 """
@@ -47,6 +48,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="576x1536,2048x5632", help="FFN layer shapes, hidden x ffn, comma-separated")
     ap.add_argument("--input-keep", type=float, default=0.55)
     ap.add_argument("--neuron-keep", type=float, default=0.40)
+    ap.add_argument("--exact-neurons", action="store_true", help="SparsityConfig.exact_neurons")
     ap.add_argument("--repeats", type=int, default=30, help="layer timings per contender")
     ap.add_argument("--model-repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -54,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = SparsityConfig(args.input_keep, args.neuron_keep)
+    cfg = SparsityConfig(args.input_keep, args.neuron_keep, exact_neurons=args.exact_neurons)
     try:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         assert all(len(s) == 2 for s in shapes)
@@ -62,7 +64,8 @@ def main() -> int:
         ap.error(f"--shapes takes hidden x ffn pairs such as 576x1536,2048x5632; got {args.shapes!r}")
     layers = [bench_layer(h, f, t, cfg, args.repeats) for h, f in shapes for t in (1, 4, 512)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; input / neuron keep "
-          f"{cfg.input_keep} / {cfg.neuron_keep} ({cfg.ffn_compute():.1%} of the FFN); kernel up to "
+          f"{cfg.input_keep} / {cfg.neuron_keep}{', exact neurons' if cfg.exact_neurons else ''} "
+          f"({cfg.ffn_compute():.1%} of the FFN); kernel up to "
           f"{KERNEL_MAX_TOKENS} tokens; median of {args.repeats} interleaved runs")
     print("| hidden | ffn | tokens | dense ms | sparse ms | masked ms | sparse/dense | masked/dense | ideal | path |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -71,6 +74,7 @@ def main() -> int:
               f"{r['masked_ms']:.3f} | {r['sparse_ratio']:.3f} | {r['masked_ratio']:.3f} | {r['ideal_ratio']:.3f} | "
               f"{r['path']} |")
     result = {"config": {"input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
+                         "exact_neurons": cfg.exact_neurons,
                          "threads": torch.get_num_threads(), "torch": torch.__version__}, "layers": layers}
     if args.model:
         dense, _ = load_model(args.model)
