@@ -102,7 +102,7 @@ def main() -> int:
         sparse_frac = cfg.ffn_compute(gated)
         oracle_ppl = ppl(sparsify_(copy.deepcopy(dense), SparsityConfig(1.0, sparse_frac, cfg.dense_layers)))
         model = sparsify_(copy.deepcopy(dense), cfg)
-        compute = (len(cfg.dense_layers) + (layers - len(cfg.dense_layers)) * sparse_frac) / layers
+        compute = cfg.mean_compute(layers, gated)
         stages = [("training-free", None)]
         if args.minutes > 0 and args.layerwise_steps:
             stages.append(("layer-wise", TrainConfig(mode="layerwise", train_router=False, train_experts=True,

@@ -139,7 +139,7 @@ def test_compute_accounting_and_for_compute():
     assert SparsityConfig.for_compute(0.5, 0.6, gated=False).neuron_keep == pytest.approx(0.4)
     # layer 0 dense: the other 9 layers make up the rest of 50% over 10 layers
     cfg = SparsityConfig.for_compute(0.5, 0.5, dense_layers=(0,), num_layers=10)
-    assert (1 + 9 * cfg.ffn_compute()) / 10 == pytest.approx(0.5)
+    assert (1 + 9 * cfg.ffn_compute()) / 10 == pytest.approx(0.5) == cfg.mean_compute(10)
     # exact neurons: the input share only chooses; each kept neuron costs a whole row of every matrix
     exact = SparsityConfig(0.15, 0.15, exact_neurons=True)
     assert exact.ffn_compute(gated=True) == pytest.approx(0.25)

@@ -73,6 +73,11 @@ class SparsityConfig:
         per_input, per_neuron = _costs(gated, self.exact_neurons)
         return per_input * self.input_keep + per_neuron * self.neuron_keep
 
+    def mean_compute(self, num_layers: int, gated: bool = True) -> float:
+        """Share of the dense FFN compute over a model's `num_layers` layers, the dense ones at 1."""
+        n_dense = len(self.dense_layers)
+        return (n_dense + (num_layers - n_dense) * self.ffn_compute(gated)) / num_layers
+
     @classmethod
     def for_compute(cls, fraction: float, input_keep: float, gated: bool = True,
                     dense_layers: tuple[int, ...] = (), num_layers: int | None = None,

@@ -48,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
     sparsify_(model, cfg)
     model.factor_source = args.model  # the dense model: `factorllm train` uses it as the default teacher
     save(model, out, tok, overwrite=args.overwrite)
-    sparse = len(ffns) - len(cfg.dense_layers)
-    compute = (len(cfg.dense_layers) + sparse * cfg.ffn_compute(gated)) / len(ffns)
-    print(f"wrote {out} (input keep {cfg.input_keep:.3f}, neuron keep {cfg.neuron_keep:.3f}: {compute:.1%} of the "
-          f"FFN compute over {len(ffns)} layers)")
+    print(f"wrote {out} (input keep {cfg.input_keep:.3f}, neuron keep {cfg.neuron_keep:.3f}: "
+          f"{cfg.mean_compute(len(ffns), gated):.1%} of the FFN compute over {len(ffns)} layers)")
     return 0
