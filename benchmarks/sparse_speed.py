@@ -5,7 +5,8 @@
   token reads only its kept weights; masked dense products above), and the masked products alone, at 1, 4 and
   512 tokens.
 - The whole model (SmolLM2 unless --model): 512-token prefill and 32-token greedy decode through `generate`,
-  dense against the sparsified model.
+  dense against the sparsified model, then against it inside `dense_prefill` (prompts through the dense FFNs,
+  decoding sparse).
 Contenders interleaved run by run after a warm-up, medians (`factorllm.benchmark.time_interleaved`). The
 ideal for the layer is the share of its weights the kept channels and neurons need, (2 p + n) / 3 (with
 --exact-neurons, 2 p / 3 + n).
@@ -25,7 +26,7 @@ import torch
 from factorllm import load_model
 from factorllm.benchmark import _dense_llama_ffn, time_interleaved, time_whole_model
 from factorllm.serialization import atomic_write_text
-from factorllm.sparsity import KERNEL_MAX_TOKENS, SparseFFN, SparsityConfig, sparsify_
+from factorllm.sparsity import KERNEL_MAX_TOKENS, SparseFFN, SparsityConfig, dense_prefill, sparsify_
 
 
 @torch.no_grad()
@@ -80,11 +81,14 @@ def main() -> int:
         dense, _ = load_model(args.model)
         sparse = sparsify_(copy.deepcopy(dense), cfg).eval()
         m = time_whole_model(dense, sparse, 512, 32, args.model_repeats, "cpu", args.model)
-        result["model"] = m.__dict__
+        with dense_prefill(sparse):
+            m_dp = time_whole_model(dense, sparse, 512, 32, args.model_repeats, "cpu", args.model)
+        result["model"], result["model_dense_prefill"] = m.__dict__, m_dp.__dict__
         print(f"\nwhole model {args.model} (median of {args.model_repeats} interleaved runs): prefill (512 tokens) "
               f"dense {m.dense_prefill_tok_s:.0f} tok/s, sparse {m.moe_prefill_tok_s:.0f} tok/s, "
               f"{m.prefill_speedup:.2f}x; decode (32 tokens) dense {m.dense_decode_tok_s:.1f} tok/s, sparse "
               f"{m.moe_decode_tok_s:.1f} tok/s, {m.decode_speedup:.2f}x")
+        print(f"inside dense_prefill: prefill {m_dp.prefill_speedup:.2f}x, decode {m_dp.decode_speedup:.2f}x")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0

@@ -12,7 +12,15 @@ from torch import nn
 from factorllm import FactorConfig, convert_, native
 from factorllm.adapters import FFNWeights, adapter_for, find_ffns
 from factorllm.losses import distill_loss
-from factorllm.sparsity import KERNEL_MAX_TOKENS, SparseFFN, SparsityConfig, sparse_layers, sparsify_, top_mask
+from factorllm.sparsity import (
+    KERNEL_MAX_TOKENS,
+    SparseFFN,
+    SparsityConfig,
+    dense_prefill,
+    sparse_layers,
+    sparsify_,
+    top_mask,
+)
 from factorllm.train import TrainConfig, TrainData, train
 
 
@@ -122,6 +130,40 @@ def test_greedy_generation_is_unchanged_by_the_kernel(monkeypatch):
         slow = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert all(b._kernel is None for _, b in sparse_layers(model))
     assert fast.tolist() == slow.tolist()
+
+
+def test_dense_prefill_computes_the_prompt_dense_and_decodes_sparse():
+    dense = tiny_model("llama").eval()
+    model = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.4)).eval()
+    ids = token_batch()[:2, :6]
+    with torch.no_grad():
+        sparse_logits = model(input_ids=ids).logits
+        with dense_prefill(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits)
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+        assert not torch.allclose(sparse_logits, dense(input_ids=ids).logits, atol=1e-3)
+        torch.testing.assert_close(model(input_ids=ids).logits, sparse_logits)  # restored on exit
+        # reference: the dense model's cache of the prompt, then the sparse model one position at a time
+        step = dense(input_ids=ids, use_cache=True)
+        cache, logits = step.cache, [step.logits[:, -1]]  # [B, V] a step
+        dense_cache = copy.deepcopy(cache)
+        for _ in range(2):
+            token = logits[-1].argmax(-1, keepdim=True)  # [B, 1]
+            step = model(input_ids=token, cache=cache, use_cache=True)
+            cache = step.cache
+            logits.append(step.logits[:, -1])
+        dense_step = dense(input_ids=logits[0].argmax(-1, keepdim=True), cache=dense_cache).logits[:, -1]
+    for got, want in zip(out.logits, logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits[1], dense_step, atol=1e-3)  # decoding was sparse
+    assert not any(block.dense_prefill for _, block in sparse_layers(model))
+    with dense_prefill(model):  # training is untouched: the masked products, with gradient
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits.detach(), sparse_logits)
+    with pytest.raises(ValueError, match="sparsify_"):
+        with dense_prefill(dense):
+            pass
 
 
 def test_top_mask_keeps_exactly_the_largest_even_with_ties():

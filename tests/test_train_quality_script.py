@@ -104,6 +104,7 @@ def test_sparse_speed_times_the_layer_and_the_whole_model(tiny_folder, tmp_path)
     assert [r["path"] for r in res["layers"]] == [want_path, want_path, "masked"]
     assert all(r["sparse_ratio"] > 0 and abs(r["ideal_ratio"] - 0.5) < 1e-9 for r in res["layers"])
     assert res["model"]["decode_speedup"] > 0 and "whole model" in proc.stdout
+    assert res["model_dense_prefill"]["prefill_speedup"] > 0 and "inside dense_prefill" in proc.stdout
     bad = subprocess.run([sys.executable, str(SPEED_SCRIPT), "--shapes", "576"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert bad.returncode == 2 and "--shapes takes hidden x ffn pairs" in bad.stderr

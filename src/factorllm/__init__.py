@@ -7,12 +7,13 @@ from factorllm.export import export
 from factorllm.loading import load_model
 from factorllm.moe import MoEFeedForward, moe_layers, set_routing_
 from factorllm.serialization import load, save
-from factorllm.sparsity import SparsityConfig, densify_, sparsify_
+from factorllm.sparsity import SparsityConfig, dense_prefill, densify_, sparsify_
 
 __all__ = [
     "FactorConfig",
     "MoEFeedForward",
     "convert_",
+    "dense_prefill",
     "densify_",
     "export",
     "load",

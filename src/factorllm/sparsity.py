@@ -15,6 +15,9 @@ How it runs: up to KERNEL_MAX_TOKENS tokens at inference on CPU (decoding), one 
 each token reads only its kept weights (`native.SparseKernel`, csrc/moe_kernels.c; a SmolLM2 layer at 1 token:
 ~0.34 of the dense FFN's time at 50% compute). Otherwise (training, prefill, other devices), masks on dense matrix
 products: the same numbers, at the dense products' cost plus the top-k (~1.5x dense at 512 tokens).
+Per-token subsets do not batch into matrix products, so a prompt's prefill is slower than dense; inside
+`dense_prefill(model)` calls of more than one position a sequence run the dense FFN instead (dense speed and
+quality for the prompt, sparse decoding).
 
 Legend: T tokens, D hidden, F FFN width.
 """
@@ -134,6 +137,7 @@ class SparseFFN(nn.Module):
         self.w_in, self.w_up, self.w_out = param(ffn.w_in), param(ffn.w_up), param(ffn.w_out)  # [F, D], [F, D], [D, F]
         self.b_in, self.b_up, self.b_out = param(ffn.b_in), param(ffn.b_up), param(ffn.b_out)
         self._kernel: native.SparseKernel | None = None  # see `kernel`
+        self.dense_prefill = False  # see `dense_prefill`: a runtime switch, never saved
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_kernel": None}  # a copy of the weights with raw pointers: copies rebuild
@@ -190,6 +194,8 @@ class SparseFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, D]
+        if self.dense_prefill and not torch.is_grad_enabled() and hidden_states.dim() > 2 and shape[-2] > 1:
+            return self.weights()(x).view(shape)  # a prompt's prefill (more than one position a sequence): dense
         keep_in, keep_h = self.kept_counts()
         if x.shape[0] <= KERNEL_MAX_TOKENS and not torch.is_grad_enabled():
             kernel = self.kernel(x)
@@ -258,6 +264,35 @@ def densify_(model: nn.Module) -> nn.Module:
     if hasattr(model, "sparsity_config"):
         del model.sparsity_config
     return model
+
+
+@contextlib.contextmanager
+def dense_prefill(model: nn.Module):
+    """Within it, a sparsified model's FFNs run dense on inference calls of more than one position a sequence
+    (a prompt's prefill) and sparse on one position (decoding, the native kernel's calls).
+
+    Why: per-token subsets of weights do not batch into matrix products, so a sparse prefill costs more than
+    the dense one (`benchmarks/sparse_speed.py`); dense prefill costs what the dense model's does and computes
+    the prompt exactly, while decoding, the memory-bound part, keeps the sparse speed-up. Training (grad
+    enabled) is untouched. Perplexity measured inside it is the dense FFNs' on the whole window: measure
+    quality outside.
+
+    Example:
+        >>> with dense_prefill(model):
+        ...     out = model.generate(ids, max_new_tokens=64)
+    """
+    blocks = [block for _, block in sparse_layers(model)]
+    if not blocks:
+        raise ValueError("dense_prefill needs a sparsified model: this one has no SparseFFN (factorllm.sparsify_ "
+                         "or factorllm.load of a saved sparse model)")
+    before = [block.dense_prefill for block in blocks]
+    for block in blocks:
+        block.dense_prefill = True
+    try:
+        yield model
+    finally:
+        for block, was in zip(blocks, before, strict=True):
+            block.dense_prefill = was
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseFFN]]:
