@@ -21,19 +21,17 @@ import json
 import sys
 import time
 
-import torch
 from train_quality import heldout_ids, log, mixed_windows, timed_train
 
-from factorllm import load_model, losses, perplexity
+from factorllm import load_model, perplexity
 from factorllm.adapters import adapter_for, find_ffns
 from factorllm.data import load_text, tokenize
 from factorllm.serialization import atomic_write_text
-from factorllm.sparsity import SparsityConfig, sparsify_
+from factorllm.sparsity import SparsityConfig, choose_input_keep, sparsify_
 from factorllm.train import TrainConfig, TrainData, train
 
-# NOTE: the run of 2026-12-01 (README) had (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25% of the FFN
-# compute it left 0.3 alone of the valid inputs shares, [0.125, 0.375).
-INPUT_KEEP_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10, 0.15, ..., 0.90
+# NOTE: the run of 2026-12-01 (README) tried input shares (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25%
+# of the FFN compute it left 0.3 alone of the valid shares, [0.125, 0.375). Now sparsity.INPUT_KEEP_GRID.
 
 
 def main() -> int:
@@ -71,34 +69,16 @@ def main() -> int:
     ppl = lambda m: {d: perplexity(m, ids, window=args.window) for d, ids in evals.items()}  # noqa: E731
     dense_ppl = ppl(dense)
     log(f"dense {dense_ppl}")
-    probe = train_w[:2]
-    with torch.no_grad():
-        probe_logits = dense(input_ids=probe, use_cache=False).logits
+    probe = train_w[:2]  # chooses the input share (never the held-out text)
 
     rows = []
     for frac in args.fractions:
-        def config(keep, frac=frac):
-            return SparsityConfig.for_compute(frac, keep, gated, dense_layers=tuple(args.dense_layers),
-                                              num_layers=layers, exact_neurons=args.exact_neurons)
-
-        def probe_loss(cfg):
-            with torch.no_grad():
-                student = sparsify_(copy.deepcopy(dense), cfg)
-                return losses.distill_loss(student(input_ids=probe, use_cache=False).logits, probe_logits).item()
-
-        scored = {}
-        for keep in INPUT_KEEP_GRID:
-            try:
-                scored[keep] = probe_loss(config(keep))
-            except ValueError:  # this input share leaves no valid neuron share at this fraction
-                continue
-        if not scored:
-            sys.exit(f"at {frac:.0%} of the FFN compute no input share on the grid {INPUT_KEEP_GRID} leaves a "
-                     "neuron share in (0, 1]: raise --fractions")
-        keep = min(scored, key=scored.get)
-        cfg = config(keep)
-        log(f"{frac:.0%}: input_keep by probe loss {({k: round(v, 4) for k, v in scored.items()})} -> {keep}, "
-            f"neuron_keep {cfg.neuron_keep:.3f}")
+        try:
+            cfg, scored = choose_input_keep(dense, probe, frac, tuple(args.dense_layers), args.exact_neurons)
+        except ValueError as err:
+            sys.exit(f"{err} (--fractions)")
+        log(f"{frac:.0%}: input_keep by probe loss {({k: round(v, 4) for k, v in scored.items()})} -> "
+            f"{cfg.input_keep}, neuron_keep {cfg.neuron_keep:.3f}")
         sparse_frac = cfg.ffn_compute(gated)
         oracle_ppl = ppl(sparsify_(copy.deepcopy(dense), SparsityConfig(1.0, sparse_frac, cfg.dense_layers)))
         model = sparsify_(copy.deepcopy(dense), cfg)

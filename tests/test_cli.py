@@ -111,6 +111,23 @@ def test_sparsify_bad_input_is_one_clear_line(tiny_folder, tmp_path, capsys, bad
     assert not (tmp_path / "o").exists()
 
 
+def test_sparsify_chooses_the_input_share_on_calibration_text(tiny_folder, tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    out = tmp_path / "sparse"
+    assert main(["sparsify", "--model", str(tiny_folder), "--compute", "0.5", "--calib-data", str(text),
+                 "--calib-tokens", "128", "--calib-window", "64", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("input share"))
+    scores = dict(pair.split() for pair in line.rsplit(" -> ", 1)[0].rsplit(": ", 1)[1].split(", "))  # share: loss
+    model, _ = load(out)
+    chosen = model.sparsity_config.input_keep
+    assert len(scores) > 1 and f"{chosen:.2f}" == min(scores, key=lambda k: float(scores[k]))
+    assert "128 tokens of" in printed and "50.0% of the FFN compute" in printed
+    rc = main(["sparsify", "--model", str(tiny_folder), "--neuron-keep", "0.3", "--output", str(tmp_path / "o")])
+    assert rc == 2 and "--neuron-keep needs --input-keep" in capsys.readouterr().err
+
+
 def test_eval_cli_on_a_factorized_tiny_model(tiny_folder, tmp_path, capsys):
     import json
 

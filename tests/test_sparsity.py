@@ -16,6 +16,7 @@ from factorllm.sparsity import (
     KERNEL_MAX_TOKENS,
     SparseFFN,
     SparsityConfig,
+    choose_input_keep,
     dense_prefill,
     sparse_layers,
     sparsify_,
@@ -164,6 +165,31 @@ def test_dense_prefill_computes_the_prompt_dense_and_decodes_sparse():
     with pytest.raises(ValueError, match="sparsify_"):
         with dense_prefill(dense):
             pass
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_choose_input_keep_scores_each_valid_share_and_keeps_the_closest(exact):
+    dense = tiny_model("llama").eval()
+    ids = token_batch()[:3, :12]
+    grid = (0.1, 0.3, 0.5, 0.7, 0.9)
+    cfg, scores = choose_input_keep(dense, ids, 0.75, dense_layers=(1,), exact_neurons=exact, grid=grid)
+    assert not sparse_layers(dense)  # the model is not changed
+    # the shares that leave a neuron share in (0, 1] at 50% of layer 0: [0.25, 0.75), exact (0, 0.75)
+    assert set(scores) == ({0.1, 0.3, 0.5, 0.7} if exact else {0.3, 0.5, 0.7})
+    assert cfg.input_keep == min(scores, key=scores.get) and cfg.exact_neurons == exact and cfg.dense_layers == (1,)
+    assert cfg.mean_compute(2) == pytest.approx(0.75)  # layer 1 dense, layer 0 at 50%
+    for keep in {min(scores), cfg.input_keep}:  # each score is that share's own sparse model against the dense one
+        want = SparsityConfig.for_compute(0.75, keep, dense_layers=(1,), num_layers=2, exact_neurons=exact)
+        student = sparsify_(copy.deepcopy(dense), want)
+        with torch.no_grad():
+            loss = torch.stack([distill_loss(student(input_ids=b).logits, dense(input_ids=b).logits)
+                                for b in ids.split(2)]).mean()
+        assert scores[keep] == pytest.approx(loss.item(), rel=1e-5)
+    assert len(set(scores.values())) == len(scores)
+    with pytest.raises(ValueError, match="no input share on the grid .* raise the fraction"):
+        choose_input_keep(dense, ids, 0.05)
+    with pytest.raises(ValueError, match="dense layers alone run 50%"):
+        choose_input_keep(dense, ids, 0.4, dense_layers=(0,))
 
 
 def test_top_mask_keeps_exactly_the_largest_even_with_ties():

@@ -34,10 +34,14 @@ from torch import nn
 
 from factorllm import native
 from factorllm.adapters import FFNWeights, adapter_for, find_ffns
+from factorllm.losses import distill_loss
 
 # Up to this many tokens a call runs the native kernel (each token reads only its kept weights); more run the
 # masked dense products, which batch the tokens into matrix products.
 KERNEL_MAX_TOKENS = 4
+
+# The input shares `choose_input_keep` tries by default.
+INPUT_KEEP_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10, 0.15, ..., 0.90
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,48 @@ def dense_prefill(model: nn.Module):
     finally:
         for block, was in zip(blocks, before, strict=True):
             block.dense_prefill = was
+
+
+@torch.no_grad()
+def choose_input_keep(model: nn.Module, windows: torch.Tensor, fraction: float, dense_layers: tuple[int, ...] = (),
+                      exact_neurons: bool = False, grid: tuple[float, ...] = INPUT_KEEP_GRID,
+                      batch_size: int = 2) -> tuple[SparsityConfig, dict[float, float]]:
+    """The config that runs `fraction` of a dense model's FFN compute with the input share from `grid` whose
+    sparse model is closest to the dense one on `windows` [B, S] (token ids): the mean distillation loss, KL of
+    the dense model's next-token distribution to the sparse one's. Returns it and the loss of every share that
+    leaves a neuron share in (0, 1]. The model is not changed.
+
+    Why a search: at a given compute the split between input channels and neurons matters, and its best point
+    differs between models, fractions and modes (SmolLM2 at 25% with exact neurons, training-free, held-out
+    Python docs: input shares 0.075 / 0.15 / 0.25 gave perplexity 381 / 178 / 324;
+    benchmarks/results/oneoff_activation_sparsity_variants2.json).
+
+    Example:
+        >>> cfg, losses = choose_input_keep(model, calib_ids[:2], 0.5)   # then sparsify_(model, cfg)
+    """
+    ffns = find_ffns(model)
+    gated = adapter_for(ffns[0][1]).read(ffns[0][1]).gated
+    configs, reasons = {}, set()
+    for keep in grid:
+        try:
+            configs[keep] = SparsityConfig.for_compute(fraction, keep, gated, dense_layers, len(ffns), exact_neurons)
+        except ValueError as err:  # this input share leaves no valid neuron share at this fraction
+            reasons.add(str(err))
+    if not configs:
+        why = reasons.pop() if len(reasons) == 1 else "raise the fraction, or give the input share yourself"
+        raise ValueError(f"at {fraction:.0%} of the FFN compute no input share on the grid {grid} gives a valid "
+                         f"config: {why}")
+    batches = windows.split(batch_size)  # [<=batch_size, S] each
+    teacher = [model(input_ids=b, use_cache=False).logits for b in batches]  # [b, S, V] each
+    # one sparse copy whose shares change in place: each block reads its shares at every call
+    student = sparsify_(copy.deepcopy(model), next(iter(configs.values())))
+    scores = {}
+    for keep, cfg in configs.items():
+        for _, block in sparse_layers(student):
+            block.input_keep, block.neuron_keep = cfg.input_keep, cfg.neuron_keep
+        scores[keep] = sum(distill_loss(student(input_ids=b, use_cache=False).logits, t).item()
+                           for b, t in zip(batches, teacher, strict=True)) / len(batches)
+    return configs[min(scores, key=scores.get)], scores
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseFFN]]:

@@ -11,8 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sparsify", help="keep each token's largest FFN inputs and neurons (activation sparsity) "
                                         "and save the model")
     add_model_args(p)
-    p.add_argument("--input-keep", type=float, required=True,
-                   help="share of hidden channels the gate/up projections read per token, in (0, 1]")
+    p.add_argument("--input-keep", type=float,
+                   help="share of hidden channels the gate/up projections read per token, in (0, 1] (default with "
+                        "--compute: the share on a grid closest to the dense model on the calibration text)")
     keep = p.add_mutually_exclusive_group(required=True)
     keep.add_argument("--neuron-keep", type=float, help="share of neurons the down projection reads per token")
     keep.add_argument("--compute", type=float,
@@ -20,6 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exact-neurons", action="store_true",
                    help="the input-sparse pass only chooses the neurons; the chosen ones run on the whole input")
     p.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layers whose FFN stays dense")
+    p.add_argument("--calib-data", default="kjv",
+                   help="text that chooses --input-keep when it is not given: kjv, python-source, a text file, a "
+                        "folder of .txt, or a HF dataset (default kjv)")
+    p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
+    p.add_argument("--calib-window", type=int, default=512, help="calibration sequence length (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="which calibration windows (default 0)")
     p.add_argument("--output", required=True, help="folder to write the sparsified model to")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(run=run)
@@ -28,12 +35,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from factorllm.adapters import adapter_for, find_ffns
+    from factorllm.cli.common import calibration_windows
     from factorllm.loading import load_model
     from factorllm.serialization import save
-    from factorllm.sparsity import SparsityConfig, sparsify_
+    from factorllm.sparsity import SparsityConfig, choose_input_keep, sparsify_
 
     dense_layers = tuple(args.dense_layers)
+    if args.input_keep is None and args.neuron_keep is not None:
+        raise ValueError("--neuron-keep needs --input-keep; or give --compute alone, and the input share is chosen "
+                         "on --calib-data")
     if args.neuron_keep is not None:  # validated before anything is loaded
         cfg = SparsityConfig(args.input_keep, args.neuron_keep, dense_layers, args.exact_neurons)
     out = Path(args.output)
@@ -42,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     ffns = find_ffns(model)
     gated = adapter_for(ffns[0][1]).read(ffns[0][1]).gated
-    if args.compute is not None:
+    if args.compute is not None and args.input_keep is None:
+        calib = torch.cat(calibration_windows(tok, args))  # [B, S]
+        cfg, scores = choose_input_keep(model, calib, args.compute, dense_layers, args.exact_neurons)
+        print("input share: distillation loss on " f"{calib.numel()} tokens of {args.calib_data}: "
+              + ", ".join(f"{keep:.2f} {loss:.4f}" for keep, loss in scores.items()) + f" -> {cfg.input_keep:.2f}")
+    elif args.compute is not None:
         cfg = SparsityConfig.for_compute(args.compute, args.input_keep, gated, dense_layers, len(ffns),
                                          args.exact_neurons)
     sparsify_(model, cfg)
