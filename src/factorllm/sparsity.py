@@ -305,8 +305,8 @@ def choose_input_keep(model: nn.Module, windows: torch.Tensor, fraction: float, 
                       batch_size: int = 2) -> tuple[SparsityConfig, dict[float, float]]:
     """The config that runs `fraction` of a dense model's FFN compute with the input share from `grid` whose
     sparse model is closest to the dense one on `windows` [B, S] (token ids): the mean distillation loss, KL of
-    the dense model's next-token distribution to the sparse one's. Returns it and the loss of every share that
-    leaves a neuron share in (0, 1]. The model is not changed.
+    the dense model's next-token distribution to the sparse one's, averaged over batches of `batch_size` windows.
+    Returns it and the loss of every share that leaves a neuron share in (0, 1]. The model is not changed.
 
     Why a search: at a given compute the split between input channels and neurons matters, and its best point
     differs between models, fractions and modes (SmolLM2 at 25% with exact neurons, training-free, held-out
@@ -329,9 +329,11 @@ def choose_input_keep(model: nn.Module, windows: torch.Tensor, fraction: float, 
         raise ValueError(f"at {fraction:.0%} of the FFN compute no input share on the grid {grid} gives a valid "
                          f"config: {why}")
     batches = windows.split(batch_size)  # [<=batch_size, S] each
-    teacher = [model(input_ids=b, use_cache=False).logits for b in batches]  # [b, S, V] each
+    was_training = model.training
+    teacher = [model.eval()(input_ids=b, use_cache=False).logits for b in batches]  # [b, S, V] each
+    model.train(was_training)
     # one sparse copy whose shares change in place: each block reads its shares at every call
-    student = sparsify_(copy.deepcopy(model), next(iter(configs.values())))
+    student = sparsify_(copy.deepcopy(model), next(iter(configs.values()))).eval()
     scores = {}
     for keep, cfg in configs.items():
         for _, block in sparse_layers(student):
