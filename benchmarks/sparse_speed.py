@@ -2,8 +2,8 @@
 
 - One FFN layer (SmolLM2's 576x1536 and TinyLlama's 2048x5632 shapes unless --shapes, random weights): the
   dense LlamaMLP, the SparseFFN as it runs (the native kernel up to `sparsity.KERNEL_MAX_TOKENS` tokens, where each
-  token reads only its kept weights; masked dense products above), and the masked products alone, at 1, 4 and
-  512 tokens.
+  token reads only its kept weights; masked dense products above), and the masked products alone, at 1, 4, 16, 32
+  and 512 tokens (--tokens).
 - The whole model (SmolLM2 unless --model): 512-token prefill and 32-token greedy decode through `generate`,
   dense against the sparsified model, then against it inside `dense_prefill` (prompts through the dense FFNs,
   decoding sparse).
@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--input-keep", type=float, default=0.55)
     ap.add_argument("--neuron-keep", type=float, default=0.40)
     ap.add_argument("--exact-neurons", action="store_true", help="SparsityConfig.exact_neurons")
+    ap.add_argument("--tokens", default="1,4,16,32,512", help="token counts of the layer timings, comma-separated")
     ap.add_argument("--repeats", type=int, default=30, help="layer timings per contender")
     ap.add_argument("--model-repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -63,7 +64,11 @@ def main() -> int:
         assert all(len(s) == 2 for s in shapes)
     except (ValueError, AssertionError):
         ap.error(f"--shapes takes hidden x ffn pairs such as 576x1536,2048x5632; got {args.shapes!r}")
-    layers = [bench_layer(h, f, t, cfg, args.repeats) for h, f in shapes for t in (1, 4, 512)]
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        ap.error(f"--tokens takes token counts such as 1,4,512; got {args.tokens!r}")
+    layers = [bench_layer(h, f, t, cfg, args.repeats) for h, f in shapes for t in tokens]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; input / neuron keep "
           f"{cfg.input_keep} / {cfg.neuron_keep}{', exact neurons' if cfg.exact_neurons else ''} "
           f"({cfg.ffn_compute():.1%} of the FFN); kernel up to "

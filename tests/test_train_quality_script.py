@@ -95,7 +95,7 @@ def test_sparse_speed_times_the_layer_and_the_whole_model(tiny_folder, tmp_path)
     out = tmp_path / "speed.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(SPEED_SCRIPT), "--model", str(tiny_folder), "--shapes", "32x64",
-                           "--repeats", "2", "--model-repeats", "1", "--json", str(out)],
+                           "--tokens", "1,4,512", "--repeats", "2", "--model-repeats", "1", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())

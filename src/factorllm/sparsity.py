@@ -11,7 +11,7 @@ FFN weights end to end (`factorllm.train`, `train_router=False, train_experts=Tr
 FFN compute per token (the multiply-adds that run, against the dense FFN's): gated (2 * input_keep + neuron_keep) / 3,
 plain (input_keep + neuron_keep) / 2.
 
-How it runs: up to KERNEL_MAX_TOKENS tokens at inference on CPU (decoding), one call of a native kernel in which
+How it runs: up to KERNEL_MAX_TOKENS (32) tokens at inference on CPU (decoding), one call of a native kernel in which
 each token reads only its kept weights (`native.SparseKernel`, csrc/moe_kernels.c; a SmolLM2 layer at 1 token:
 ~0.34 of the dense FFN's time at 50% compute). Otherwise (training, prefill, other devices), masks on dense matrix
 products: the same numbers, at the dense products' cost plus the top-k (~1.5x dense at 512 tokens).
@@ -37,8 +37,10 @@ from factorllm.adapters import FFNWeights, adapter_for, find_ffns
 from factorllm.losses import distill_loss
 
 # Up to this many tokens a call runs the native kernel (each token reads only its kept weights); more run the
-# masked dense products, which batch the tokens into matrix products.
-KERNEL_MAX_TOKENS = 4
+# masked dense products, which batch the tokens into matrix products. Measured (2 threads, SmolLM2's and
+# TinyLlama's FFN shapes, 50% and 25% exact; benchmarks/results/oneoff_sparse_kernel_tokens.json): the kernel is
+# faster than the masked path up to 32 tokens in every case, and than dense up to 6-8 (0.55 / 0.40) or 16 (25%).
+KERNEL_MAX_TOKENS = 32
 
 # The input shares `choose_input_keep` tries by default.
 INPUT_KEEP_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10, 0.15, ..., 0.90
