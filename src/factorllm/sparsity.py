@@ -308,7 +308,8 @@ def choose_input_keep(model: nn.Module, windows: torch.Tensor, fraction: float, 
     """The config that runs `fraction` of a dense model's FFN compute with the input share from `grid` whose
     sparse model is closest to the dense one on `windows` [B, S] (token ids): the mean distillation loss, KL of
     the dense model's next-token distribution to the sparse one's, averaged over batches of `batch_size` windows.
-    Returns it and the loss of every share that leaves a neuron share in (0, 1]. The model is not changed.
+    Returns it and the loss of every share that leaves a neuron share in (0, 1]. The model is not changed; a
+    sparse copy of it is held while this runs (twice the model's memory), and the dense logits of every batch.
 
     Why a search: at a given compute the split between input channels and neurons matters, and its best point
     differs between models, fractions and modes (SmolLM2 at 25% with exact neurons, training-free, held-out
