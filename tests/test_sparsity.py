@@ -167,19 +167,22 @@ def test_dense_prefill_computes_the_prompt_dense_and_decodes_sparse():
             pass
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("exact", [False, True])
-def test_choose_input_keep_scores_each_valid_share_and_keeps_the_closest(exact):
-    dense = tiny_model("llama").eval()
+def test_choose_input_keep_scores_each_valid_share_and_keeps_the_closest(family, exact):
+    dense = tiny_model(family).eval()
+    gated = family == "llama"
     ids = token_batch()[:3, :12]
     grid = (0.1, 0.3, 0.5, 0.7, 0.9)
     cfg, scores = choose_input_keep(dense, ids, 0.75, dense_layers=(1,), exact_neurons=exact, grid=grid)
     assert not sparse_layers(dense)  # the model is not changed
-    # the shares that leave a neuron share in (0, 1] at 50% of layer 0: [0.25, 0.75), exact (0, 0.75)
-    assert set(scores) == ({0.1, 0.3, 0.5, 0.7} if exact else {0.3, 0.5, 0.7})
+    # the shares that leave a neuron share in (0, 1] at 50% of layer 0: gated [0.25, 0.75), exact (0, 0.75);
+    # plain (input and neurons half the FFN each) (0, 1) either way
+    assert set(scores) == (({0.1, 0.3, 0.5, 0.7} if exact else {0.3, 0.5, 0.7}) if gated else set(grid))
     assert cfg.input_keep == min(scores, key=scores.get) and cfg.exact_neurons == exact and cfg.dense_layers == (1,)
-    assert cfg.mean_compute(2) == pytest.approx(0.75)  # layer 1 dense, layer 0 at 50%
+    assert cfg.mean_compute(2, gated) == pytest.approx(0.75)  # layer 1 dense, layer 0 at 50%
     for keep in {min(scores), cfg.input_keep}:  # each score is that share's own sparse model against the dense one
-        want = SparsityConfig.for_compute(0.75, keep, dense_layers=(1,), num_layers=2, exact_neurons=exact)
+        want = SparsityConfig.for_compute(0.75, keep, gated, dense_layers=(1,), num_layers=2, exact_neurons=exact)
         student = sparsify_(copy.deepcopy(dense), want)
         with torch.no_grad():
             loss = torch.stack([distill_loss(student(input_ids=b).logits, dense(input_ids=b).logits)
