@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compute is not None and args.input_keep is None:
         calib = torch.cat(calibration_windows(tok, args))  # [B, S]
         cfg, scores = choose_input_keep(model, calib, args.compute, dense_layers, args.exact_neurons)
-        print("input share: distillation loss on " f"{calib.numel()} tokens of {args.calib_data}: "
-              + ", ".join(f"{keep:.2f} {loss:.4f}" for keep, loss in scores.items()) + f" -> {cfg.input_keep:.2f}")
+        losses = ", ".join(f"{keep:.2f} {loss:.4f}" for keep, loss in scores.items())
+        print(f"input share: distillation loss on {calib.numel()} tokens of {args.calib_data}: {losses} -> "
+              f"{cfg.input_keep:.2f}")
     elif args.compute is not None:
         cfg = SparsityConfig.for_compute(args.compute, args.input_keep, gated, dense_layers, len(ffns),
                                          args.exact_neurons)
