@@ -24,7 +24,7 @@ import time
 from train_quality import heldout_ids, log, mixed_windows, timed_train
 
 from factorllm import load_model, perplexity
-from factorllm.adapters import adapter_for, find_ffns
+from factorllm.adapters import ffns_gated, find_ffns
 from factorllm.data import load_text, tokenize
 from factorllm.serialization import atomic_write_text
 from factorllm.sparsity import SparsityConfig, choose_input_keep, sparsify_
@@ -61,8 +61,7 @@ def main() -> int:
 
     dense, tok = load_model(args.model)
     layers = dense.config.num_hidden_layers
-    mlp = find_ffns(dense)[0][1]
-    gated = adapter_for(mlp).read(mlp).gated  # the compute accounting differs for plain FFNs (GPT-2)
+    gated = ffns_gated(find_ffns(dense))  # the compute accounting differs for plain FFNs (GPT-2)
     corpora = [tokenize(tok, load_text(name)) for name in args.train_data.split("+")]
     train_w = mixed_windows(corpora, args.window, args.train_tokens // args.window, seed=0)
     evals = heldout_ids(tok, args.window, args.eval_windows)

@@ -118,6 +118,13 @@ def adapter_for(mlp: nn.Module) -> FFNAdapter:
     )
 
 
+def ffns_gated(ffns: list[tuple[str, nn.Module]]) -> bool:
+    """Whether a model's FFNs (`find_ffns`) are gated (gate, up and down projections) or plain (in and out): the
+    first one's family, which all its layers share."""
+    mlp = ffns[0][1]
+    return adapter_for(mlp).read(mlp).gated
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder's layer list: the first ModuleList whose every entry has an `mlp` (Llama `model.layers`,
     GPT-2 `transformer.h`, GPT-NeoX `gpt_neox.layers`)."""

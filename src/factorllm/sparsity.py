@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from factorllm import native
-from factorllm.adapters import FFNWeights, adapter_for, find_ffns
+from factorllm.adapters import FFNWeights, adapter_for, ffns_gated, find_ffns
 from factorllm.losses import distill_loss
 
 # Up to this many tokens a call runs the native kernel (each token reads only its kept weights); more run the
@@ -320,11 +320,11 @@ def choose_input_keep(model: nn.Module, windows: torch.Tensor, fraction: float, 
         >>> cfg, losses = choose_input_keep(model, calib_ids[:2], 0.5)   # then sparsify_(model, cfg)
     """
     ffns = find_ffns(model)
-    gated = adapter_for(ffns[0][1]).read(ffns[0][1]).gated
+    num_layers, gated = len(ffns), ffns_gated(ffns)
     configs, reasons = {}, set()
     for keep in grid:
         try:
-            configs[keep] = SparsityConfig.for_compute(fraction, keep, gated, dense_layers, len(ffns), exact_neurons)
+            configs[keep] = SparsityConfig.for_compute(fraction, keep, gated, dense_layers, num_layers, exact_neurons)
         except ValueError as err:  # this input share leaves no valid neuron share at this fraction
             reasons.add(str(err))
     if not configs:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from factorllm.adapters import adapter_for, find_ffns
+    from factorllm.adapters import ffns_gated, find_ffns
     from factorllm.cli.common import calibration_windows
     from factorllm.loading import load_model
     from factorllm.serialization import save
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} already exists; choose another --output or pass --overwrite")
     model, tok = load_model(args.model)
     ffns = find_ffns(model)
-    gated = adapter_for(ffns[0][1]).read(ffns[0][1]).gated
+    gated = ffns_gated(ffns)
     if args.compute is not None and args.input_keep is None:
         calib = torch.cat(calibration_windows(tok, args))  # [B, S]
         cfg, scores = choose_input_keep(model, calib, args.compute, dense_layers, args.exact_neurons)
