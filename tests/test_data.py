@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from factorllm.data import CORPORA, interleave, load_text, pydoc_text, python_source_text
 
 
@@ -14,6 +16,12 @@ def test_python_source_is_code_capped_and_never_the_heldout_docs():
     probes = [topics[i : i + 80] for i in range(0, len(topics) - 80, len(topics) // 50)]
     full = python_source_text()
     assert not any(p in full for p in probes)
+
+
+@pytest.mark.parametrize("source", ["/nope/corpus.txt", "./missing", "notes.md"])
+def test_a_missing_local_path_is_a_clear_error(source):
+    with pytest.raises(FileNotFoundError, match="no such file or folder; give a text file"):
+        load_text(source)
 
 
 def test_corpus_names_load_through_load_text():

@@ -110,6 +110,10 @@ def windows(ids: torch.Tensor, length: int, count: int | None = None, seed: int 
     return all_w if count is None else all_w[:count]
 
 
+# A source with one of these suffixes is a file, never a hub id: `load_text` says so when it is missing.
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+
+
 def load_text(source: str, text_column: str = "text") -> str:
     """Text from an embedded corpus name (or several joined by '+', e.g. `kjv+python-source`), a UTF-8 file, a
     folder of .txt files, or a Hugging Face dataset (a folder saved with `save_to_disk`, or a hub id; needs
@@ -126,6 +130,10 @@ def load_text(source: str, text_column: str = "text") -> str:
         if not files:
             raise ValueError(f"{path} holds no .txt files (and is no saved Hugging Face dataset)")
         return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    if not path.exists() and (path.is_absolute() or source.startswith((".", "~")) or path.suffix in TEXT_SUFFIXES):
+        # NOTE: a hub id ("owner/name") goes on to `datasets`; a missing local path would get its hub error instead
+        raise FileNotFoundError(f"{source!r}: no such file or folder; give a text file, a folder of .txt files, a "
+                                f"saved or hub Hugging Face dataset, or a corpus name ({', '.join(sorted(CORPORA))})")
     try:
         import datasets
     except ModuleNotFoundError as err:
