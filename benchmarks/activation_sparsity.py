@@ -8,7 +8,8 @@ Held-out perplexity on the Python docs and KJV's held-out books against dense an
 (each token's exact top neurons by |h| * ||w_out||, the whole fraction spent on neurons: what routing at neuron
 granularity could reach with a perfect predictor). Same data, windows and evaluation as `train_quality.py`.
 `--layerwise-steps N` adds a layer-wise reconstruction stage (N steps a layer) before the end-to-end one, inside
-the same --minutes.
+the same --minutes. `--chooser-steps N` (with --exact-neurons) first fits a learned neuron chooser
+(`factorllm.sparsity.fit_chooser_`, N steps a layer on --chooser-tokens of the training text), also inside --minutes.
 
     python benchmarks/activation_sparsity.py --minutes 28 --json results/activation_sparsity.json
 """
@@ -27,7 +28,7 @@ from factorllm import load_model, perplexity
 from factorllm.adapters import ffns_gated, find_ffns
 from factorllm.data import load_text, tokenize
 from factorllm.serialization import atomic_write_text
-from factorllm.sparsity import SparsityConfig, choose_input_keep, sparsify_
+from factorllm.sparsity import SparsityConfig, choose_input_keep, fit_chooser_, sparsify_
 from factorllm.train import TrainConfig, TrainData, train
 
 # NOTE: the run of 2026-12-01 (README) tried input shares (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25%
@@ -48,6 +49,10 @@ def main() -> int:
     ap.add_argument("--exact-neurons", action="store_true",
                     help="the input-sparse pass only chooses the neurons; the chosen ones run on the whole input "
                          "(SparsityConfig.exact_neurons)")
+    ap.add_argument("--chooser-steps", type=int, default=0,
+                    help="steps a layer of fitting a learned neuron chooser before the other stages (needs "
+                         "--exact-neurons; 0: the input-sparse pass reads the FFN's own weights)")
+    ap.add_argument("--chooser-tokens", type=int, default=16384, help="training tokens the chooser is fitted on")
     ap.add_argument("--train-tokens", type=int, default=32768)
     ap.add_argument("--train-data", default="kjv+python-source")
     ap.add_argument("--eval-windows", type=int, default=8)
@@ -55,6 +60,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4, help="end-to-end rate")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    if args.chooser_steps and not args.exact_neurons:
+        ap.error("--chooser-steps needs --exact-neurons")
     if args.minutes < 0 or not all(0 < f <= 1 for f in args.fractions):
         ap.error(f"--minutes must be >= 0 and --fractions in (0, 1], got {args.minutes} and {args.fractions}")
     t_start = time.time()
@@ -83,6 +90,8 @@ def main() -> int:
         model = sparsify_(copy.deepcopy(dense), cfg)
         compute = cfg.mean_compute(layers, gated)
         stages = [("training-free", None)]
+        if args.chooser_steps:
+            stages.append(("chooser", "chooser"))  # training-free still: no FFN weight changes
         if args.minutes > 0 and args.layerwise_steps:
             stages.append(("layer-wise", TrainConfig(mode="layerwise", train_router=False, train_experts=True,
                                                      recon_weight=1.0, lr=3e-4, max_steps=args.layerwise_steps,
@@ -96,6 +105,13 @@ def main() -> int:
             t0 = time.time()
             if tcfg is None:
                 steps = 0
+            elif tcfg == "chooser":
+                recalls = fit_chooser_(model, train_w[:max(1, args.chooser_tokens // args.window)],
+                                       steps=args.chooser_steps)
+                steps = args.chooser_steps
+                log("chooser recall of the exact neurons, mean over layers: "
+                    f"{sum(b for b, _ in recalls.values()) / len(recalls):.3f} -> "
+                    f"{sum(a for _, a in recalls.values()) / len(recalls):.3f}")
             elif tcfg.mode == "layerwise":
                 train(model, dense, TrainData(train_w), tcfg, progress=False)
                 steps = tcfg.max_steps
@@ -106,7 +122,8 @@ def main() -> int:
             row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
                    "exact_neurons": cfg.exact_neurons,
                    "dense_layers": list(cfg.dense_layers), "ffn_compute": compute, "train_data": args.train_data,
-                   "lr": None if tcfg is None else tcfg.lr, "stage": stage, "steps": steps,
+                   "chooser_steps": args.chooser_steps,
+                   "lr": getattr(tcfg, "lr", None), "stage": stage, "steps": steps,
                    "train_minutes": minutes, "ppl": {}}
             for d, v in ppl(model).items():
                 row["ppl"][d] = {"dense": dense_ppl[d], "trained": v, "oracle": oracle_ppl[d]}

@@ -128,6 +128,23 @@ def test_sparsify_chooses_the_input_share_on_calibration_text(tiny_folder, tmp_p
     assert rc == 2 and "--neuron-keep needs --input-keep" in capsys.readouterr().err
 
 
+def test_sparsify_fits_a_learned_chooser_and_saves_it(tiny_folder, tmp_path, capsys):
+    from factorllm.sparsity import sparse_layers
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    out = tmp_path / "sparse"
+    assert main(["sparsify", "--model", str(tiny_folder), "--input-keep", "0.25", "--neuron-keep", "0.25",
+                 "--exact-neurons", "--chooser-steps", "5", "--calib-data", str(text), "--calib-tokens", "256",
+                 "--calib-window", "64", "--output", str(out)]) == 0
+    assert "learned chooser: 5 steps a layer on 256 tokens" in capsys.readouterr().out
+    model, _ = load(out)
+    assert all(b.chooser_in is not None for _, b in sparse_layers(model))
+    rc = main(["sparsify", "--model", str(tiny_folder), "--input-keep", "0.25", "--neuron-keep", "0.25",
+               "--chooser-steps", "5", "--output", str(tmp_path / "o")])
+    assert rc == 2 and "with --exact-neurons" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_eval_cli_on_a_factorized_tiny_model(tiny_folder, tmp_path, capsys):
     import json
 

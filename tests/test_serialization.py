@@ -73,12 +73,15 @@ def test_save_refuses_a_dense_model(tmp_path, llama):
         save(llama, tmp_path / "m")
 
 
-@pytest.mark.parametrize("family,exact", [("llama", False), ("gpt2", True)])  # gpt2: Conv1D weights, transposed
-def test_a_sparsified_model_saves_as_a_stock_checkpoint_and_loads_back_sparse(tmp_path, family, exact):
+@pytest.mark.parametrize("family,exact,chooser", [("llama", False, False), ("gpt2", True, False),  # gpt2: Conv1D
+                                                   ("llama", True, True)])
+def test_a_sparsified_model_saves_as_a_stock_checkpoint_and_loads_back_sparse(tmp_path, family, exact, chooser):
     from transformers import AutoModelForCausalLM
 
     model = sparsify_(tiny_model(family), SparsityConfig(0.5, 0.4, dense_layers=(1,), exact_neurons=exact))
     block = sparse_layers(model)[0][1]
+    if chooser:
+        block.add_chooser()  # perturbed below like the rest: a chooser that differs from the FFN's weights
     with torch.no_grad():  # as fine-tuning would: weights that differ from the dense model's
         for p in block.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -91,11 +94,29 @@ def test_a_sparsified_model_saves_as_a_stock_checkpoint_and_loads_back_sparse(tm
     loaded, _ = load(tmp_path / "m")
     assert loaded.sparsity_config == model.sparsity_config
     assert sparse_layers(loaded)[0][1].neuron_keep == 0.6
+    assert (sparse_layers(loaded)[0][1].chooser_in is not None) == chooser
+    assert (tmp_path / "m" / "chooser.safetensors").exists() == chooser
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # no factorllm code: the dense FFNs, new weights
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=0, rtol=0)
         torch.testing.assert_close(stock(input_ids=ids).logits, want_dense, atol=1e-6, rtol=1e-6)
         assert (want - want_dense).abs().max() > 1e-3  # the sparse and the dense runs do differ
+
+
+def test_a_missing_or_mismatched_chooser_file_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    model = sparsify_(tiny_model("llama"), SparsityConfig(0.5, 0.4, exact_neurons=True))
+    for _, block in sparse_layers(model):
+        block.add_chooser()
+    save(model, tmp_path / "m")
+    chooser = tmp_path / "m" / "chooser.safetensors"
+    save_file({"model.layers.0.mlp.chooser_in": torch.zeros(64, 32)}, str(chooser))  # layer 1's and up's: gone
+    with pytest.raises(ValueError, match="chooser.safetensors does not match"):
+        load(tmp_path / "m")
+    chooser.unlink()
+    with pytest.raises(ValueError, match="chooser.safetensors is missing"):
+        load(tmp_path / "m")
 
 
 @pytest.mark.parametrize("family", ["llama", "llama-bias", "gpt2", "gpt_neox"])

@@ -18,6 +18,7 @@ from factorllm.sparsity import (
     SparsityConfig,
     choose_input_keep,
     dense_prefill,
+    fit_chooser_,
     sparse_layers,
     sparsify_,
     top_mask,
@@ -36,9 +37,13 @@ def test_keeping_everything_computes_the_dense_model(family):
 
 
 def naive_sparse_ffn(block: SparseFFN, x: torch.Tensor) -> torch.Tensor:
-    """Reference: token by token, the kept channels and neurons as index lists, only their weights multiplied."""
+    """Reference: token by token, the kept channels and neurons as index lists, only their weights multiplied.
+    The input-sparse pass reads the learned chooser's projections where the block has one (channels are still
+    scored by the FFN's own columns)."""
     w = block.weights()
     col = w.w_in.norm(dim=0) if w.w_up is None else torch.cat([w.w_in, w.w_up]).norm(dim=0)  # [D]
+    if block.chooser_in is not None:
+        w = FFNWeights(w.gated, block.chooser_in, w.w_out, w.act, block.chooser_up, w.b_in, w.b_up, w.b_out)
     n_in = max(1, round(block.input_keep * x.shape[1]))
     n_h = max(1, round(block.neuron_keep * block.width))
     out = []
@@ -50,7 +55,7 @@ def naive_sparse_ffn(block: SparseFFN, x: torch.Tensor) -> torch.Tensor:
             h = h * (w.w_up[:, c] @ xt[c] + (0 if w.b_up is None else w.b_up))
         n = (h.abs() * w.w_out.norm(dim=0)).topk(n_h).indices  # kept neurons
         if block.exact_neurons:  # chosen from the input-sparse values, computed on the whole input
-            h = w.intermediate(xt[None])[0]
+            h = block.weights().intermediate(xt[None])[0]
         out.append(w.w_out[:, n] @ h[n] + (0 if w.b_out is None else w.b_out))
     return torch.stack(out)
 
@@ -74,6 +79,57 @@ def test_sparse_ffn_matches_the_per_token_reference(family, keep, tokens, exact)
         assert (got - full).abs().max() > 1e-3  # the masks do change the output
     ran_kernel = block._kernel is not None
     assert ran_kernel == (native.available() and tokens <= KERNEL_MAX_TOKENS)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("tokens", [KERNEL_MAX_TOKENS + 8, 1, 3])  # the masked products; then the native kernel
+def test_a_learned_chooser_changes_which_neurons_run_not_their_values(family, tokens):
+    mlp = find_ffns(tiny_model(family))[0][1]
+    block = SparseFFN.from_dense(mlp, SparsityConfig(0.25, 0.25, exact_neurons=True))
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = block(x)
+        block.add_chooser()  # copies of the FFN's own projections: the same choice
+        torch.testing.assert_close(block(x), before, atol=1e-6, rtol=1e-6)
+        for p in (block.chooser_in, block.chooser_up):
+            if p is not None:
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        got = block(x)
+        torch.testing.assert_close(got, naive_sparse_ffn(block, x), atol=1e-5, rtol=1e-5)
+    assert (got - before).abs().max() > 1e-3  # another choice of neurons
+    assert (block._kernel is not None) == (native.available() and tokens <= KERNEL_MAX_TOKENS)
+    assert "learned_chooser=True" in repr(block)
+    with pytest.raises(ValueError, match="needs exact_neurons=True"):
+        SparseFFN.from_dense(mlp, SparsityConfig(0.25, 0.25)).add_chooser()
+
+
+def test_fit_chooser_finds_more_of_the_exact_neurons_and_leaves_the_ffn_alone():
+    dense = tiny_model("llama")
+    with torch.no_grad():  # embeddings of rank 2: correlated channels, as a trained model's residual stream has
+        emb, gen = dense.model.embed_tokens.weight, torch.Generator().manual_seed(0)  # [V, D]; a random model's
+        emb.copy_(torch.randn(emb.shape[0], 2, generator=gen) @ torch.randn(2, emb.shape[1], generator=gen) / 2**.5)
+    model = sparsify_(copy.deepcopy(dense), SparsityConfig(0.25, 0.25, exact_neurons=True))
+    ffn_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recalls = fit_chooser_(model, token_batch(16, 32))  # channels are independent: nothing to predict from
+    assert list(recalls) == [n for n, _ in sparse_layers(model)]
+    for before, after in recalls.values():  # measured on tokens no step trains on
+        assert after > before + 0.08
+    assert all(torch.equal(p, ffn_weights[n]) for n, p in model.named_parameters() if n in ffn_weights)
+    assert all(not b.chooser_in.requires_grad for _, b in sparse_layers(model))
+    # the end-to-end loop trains the FFN weights and leaves the fitted chooser as it is
+    chooser = {n: p.detach().clone() for n, p in model.named_parameters() if "chooser" in n}
+    cfg = TrainConfig(mode="end2end", train_router=False, train_experts=True, distill_weight=1.0, lr=1e-2,
+                      max_steps=2, batch_size=4, save_every=0)
+    train(model, dense, TrainData(token_batch(8, 16)), cfg, progress=False)
+    assert all(torch.equal(p, chooser[n]) for n, p in model.named_parameters() if "chooser" in n)
+    assert not torch.equal(model.model.layers[0].mlp.w_up, ffn_weights["model.layers.0.mlp.w_up"])
+
+
+def test_fit_chooser_needs_an_exact_neuron_sparse_model():
+    with pytest.raises(ValueError, match="needs a sparsified model"):
+        fit_chooser_(tiny_model("llama"), token_batch(2, 16))
+    with pytest.raises(ValueError, match="needs exact_neurons=True"):
+        fit_chooser_(sparsify_(tiny_model("llama"), SparsityConfig(0.5, 0.5)), token_batch(2, 16))
 
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler: the masked path runs instead")

@@ -7,7 +7,7 @@ from factorllm.export import export
 from factorllm.loading import load_model
 from factorllm.moe import MoEFeedForward, moe_layers, set_routing_
 from factorllm.serialization import load, save
-from factorllm.sparsity import SparsityConfig, dense_prefill, densify_, sparsify_
+from factorllm.sparsity import SparsityConfig, dense_prefill, densify_, fit_chooser_, sparsify_
 
 __all__ = [
     "FactorConfig",
@@ -16,6 +16,7 @@ __all__ = [
     "dense_prefill",
     "densify_",
     "export",
+    "fit_chooser_",
     "load",
     "load_model",
     "moe_layers",

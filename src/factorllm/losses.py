@@ -121,3 +121,11 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Relative squared error ||pred - target||^2 / ||target||^2 over the batch."""
     return (pred - target).float().square().sum() / target.float().square().sum().clamp_min(1e-12)
+
+
+def chooser_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A neuron chooser's error: [T, F] predicted and exact neuron values, [F] weights (the output norms that
+    score a neuron), mean over tokens of each token's relative squared error ||w * (pred - target)||^2 /
+    ||w * target||^2 (per token, so that tokens with small activations count as much as large ones)."""
+    err = ((pred - target) * weight).float().square().sum(-1)  # [T]
+    return (err / (target * weight).float().square().sum(-1).clamp_min(1e-12)).mean()

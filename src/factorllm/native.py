@@ -320,7 +320,8 @@ class SparseKernel:
     def __init__(self, ffn: nn.Module, act: int) -> None:
         F, D = ffn.w_in.shape
         with torch.no_grad():
-            w_in = ffn.w_in if not ffn.gated else torch.cat([ffn.w_in, ffn.w_up])  # [m*F, D]
+            pick = ffn.chooser()  # the input-sparse pass reads the learned chooser's projections where fitted
+            w_in = pick.w_in if not ffn.gated else torch.cat([pick.w_in, pick.w_up])  # [m*F, D]
             biases = [ffn.b_in] if not ffn.gated else [ffn.b_in, ffn.b_up]
             b_in = None if all(b is None for b in biases) else torch.cat(
                 [torch.zeros(F) if b is None else b for b in biases])  # [m*F]

@@ -4,9 +4,11 @@
 Folder layout:
     config.json         the dense model's transformers config
     factorllm.json      format version, FactorConfig, and each MoE block's expert widths; or, for a sparsified
-                        model (`"kind": "sparsity"`), its SparsityConfig and each layer's keeps
+                        model (`"kind": "sparsity"`), its SparsityConfig, each layer's keeps and whether it
+                        has a learned chooser
     model.safetensors   every weight of the factorized model; a sparsified model's weights under the dense
                         model's names (stock transformers loads the folder as a dense model)
+    chooser.safetensors a sparsified model's learned choosers (`sparsity.fit_chooser_`), where it has any
     tokenizer files     when a tokenizer is given
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
@@ -31,6 +34,7 @@ from factorllm.sparsity import SparsityConfig, densify_, sparse_layers, sparsify
 
 FORMAT_VERSION = 1
 MARKER = "factorllm.json"
+CHOOSER = "chooser.safetensors"
 
 
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, overwrite: bool = False) -> Path:
@@ -53,6 +57,9 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, *, overwri
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
         # NOTE: save_model (not save_file) handles tied weights such as a shared embedding and LM head.
         save_safetensors_model(to_write, str(tmp / "model.safetensors"))
+        choosers = _chooser_tensors(model)
+        if choosers:
+            save_file(choosers, str(tmp / CHOOSER))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if folder.exists():
@@ -80,7 +87,8 @@ def _describe(model: nn.Module) -> tuple[dict, nn.Module]:
             "kind": "sparsity",
             "sparsity_config": dataclasses.asdict(model.sparsity_config),
             "source_model": getattr(model, "factor_source", None),
-            "layers": {name: {"input_keep": b.input_keep, "neuron_keep": b.neuron_keep} for name, b in sparse},
+            "layers": {name: {"input_keep": b.input_keep, "neuron_keep": b.neuron_keep,
+                              "learned_chooser": b.chooser_in is not None} for name, b in sparse},
         }, densify_(copy.deepcopy(model))
     if not layers or getattr(model, "factor_config", None) is None:
         raise ValueError("save() writes factorized or sparsified models; call factorllm.convert_ or "
@@ -134,6 +142,9 @@ def load(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
         for name, keeps in meta["layers"].items():
             block = model.get_submodule(name)
             block.input_keep, block.neuron_keep = keeps["input_keep"], keeps["neuron_keep"]
+            if keeps.get("learned_chooser"):
+                block.add_chooser()
+        _load_choosers(model, folder)
         return _finish(model, meta, folder)
     config = FactorConfig.from_dict(meta["factor_config"])
     for name, spec in meta["layers"].items():
@@ -162,6 +173,28 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
             f"{folder}/model.safetensors does not match its config (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}); the folder is damaged, save the model again"
         )
+
+
+def _chooser_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned choosers' weights of a sparsified model, by qualified name (none: {})."""
+    return {f"{name}.{w}": getattr(block, w).detach().contiguous() for name, block in sparse_layers(model)
+            for w in ("chooser_in", "chooser_up") if getattr(block, w) is not None}
+
+
+def _load_choosers(model: nn.Module, folder: Path) -> None:
+    want = _chooser_tensors(model)  # the blocks `add_chooser` gave one, as the marker says
+    if not want:
+        return
+    if not (folder / CHOOSER).is_file():
+        raise ValueError(f"{folder}/{MARKER} lists learned choosers but {CHOOSER} is missing; the folder is "
+                         "damaged, save the model again")
+    got = load_file(str(folder / CHOOSER))
+    if set(got) != set(want) or any(got[n].shape != want[n].shape for n in want):
+        raise ValueError(f"{folder}/{CHOOSER} does not match {MARKER} (tensors {sorted(set(got) ^ set(want))[:4]} "
+                         "differ or shapes disagree); the folder is damaged, save the model again")
+    with torch.no_grad():
+        for name, value in got.items():
+            model.get_parameter(name).copy_(value)
 
 
 def _finish(model: nn.Module, meta: dict, folder: Path):

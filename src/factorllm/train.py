@@ -423,6 +423,9 @@ def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
     for _, block in ffn_blocks(model):
         if isinstance(block, SparseFFN):
             block.requires_grad_(cfg.train_experts)
+            for p in (block.chooser_in, block.chooser_up):  # fitted by sparsity.fit_chooser_, no gradient reaches it
+                if p is not None:
+                    p.requires_grad_(False)
     for _, block in moe_layers(model):
         block.router.straight_through = cfg.straight_through
         for p in block.router.parameters():
