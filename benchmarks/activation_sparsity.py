@@ -9,7 +9,8 @@ Held-out perplexity on the Python docs and KJV's held-out books against dense an
 granularity could reach with a perfect predictor). Same data, windows and evaluation as `train_quality.py`.
 `--layerwise-steps N` adds a layer-wise reconstruction stage (N steps a layer) before the end-to-end one, inside
 the same --minutes. `--chooser-steps N` (with --exact-neurons) first fits a learned neuron chooser
-(`factorllm.sparsity.fit_chooser_`, N steps a layer on --chooser-tokens of the training text), also inside --minutes.
+(`factorllm.sparsity.fit_chooser_`, N steps a layer on --chooser-tokens of the training text), also inside --minutes;
+`--chooser-refit` fits it again at the end, to the fine-tuned FFN weights.
 
     python benchmarks/activation_sparsity.py --minutes 28 --json results/activation_sparsity.json
 """
@@ -53,6 +54,9 @@ def main() -> int:
                     help="steps a layer of fitting a learned neuron chooser before the other stages (needs "
                          "--exact-neurons; 0: the input-sparse pass reads the FFN's own weights)")
     ap.add_argument("--chooser-tokens", type=int, default=16384, help="training tokens the chooser is fitted on")
+    ap.add_argument("--chooser-refit", action="store_true",
+                    help="fit the chooser again after the end-to-end stage, to the fine-tuned FFN weights (its "
+                         "minutes, as long as the first fit took, come out of the end-to-end stage's)")
     ap.add_argument("--train-tokens", type=int, default=32768)
     ap.add_argument("--train-data", default="kjv+python-source")
     ap.add_argument("--eval-windows", type=int, default=8)
@@ -62,6 +66,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.chooser_steps and not args.exact_neurons:
         ap.error("--chooser-steps needs --exact-neurons")
+    if args.chooser_refit and not args.chooser_steps:
+        ap.error("--chooser-refit needs --chooser-steps")
     if args.minutes < 0 or not all(0 < f <= 1 for f in args.fractions):
         ap.error(f"--minutes must be >= 0 and --fractions in (0, 1], got {args.minutes} and {args.fractions}")
     t_start = time.time()
@@ -100,7 +106,10 @@ def main() -> int:
             stages.append(("end2end", TrainConfig(mode="end2end", train_router=False, train_experts=True,
                                                   distill_weight=1.0, lr=args.lr, batch_size=2, max_steps=10**6,
                                                   save_every=0)))
+        if args.chooser_refit:
+            stages.append(("chooser refit", "chooser"))
         spent = 0.0  # training minutes of this fraction so far
+        reserve = 0.0  # minutes kept back for the refit: as long as the first fit took
         for stage, tcfg in stages:
             t0 = time.time()
             if tcfg is None:
@@ -109,6 +118,8 @@ def main() -> int:
                 recalls = fit_chooser_(model, train_w[:max(1, args.chooser_tokens // args.window)],
                                        steps=args.chooser_steps)
                 steps = args.chooser_steps
+                if args.chooser_refit and stage == "chooser":  # the first fit
+                    reserve = (time.time() - t0) / 60
                 log("chooser recall of the exact neurons, mean over layers: "
                     f"{sum(b for b, _ in recalls.values()) / len(recalls):.3f} -> "
                     f"{sum(a for _, a in recalls.values()) / len(recalls):.3f}")
@@ -116,7 +127,7 @@ def main() -> int:
                 train(model, dense, TrainData(train_w), tcfg, progress=False)
                 steps = tcfg.max_steps
             else:
-                steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes - spent) * 60)
+                steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes - spent - reserve) * 60)
             minutes = (time.time() - t0) / 60
             spent += minutes
             row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,

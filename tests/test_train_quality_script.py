@@ -76,6 +76,27 @@ def test_activation_sparsity_writes_a_row_per_stage_at_the_fraction(tiny_folder,
     assert [r["steps"] for r in rows[:2]] == [0, 2] and rows[2]["steps"] >= 1
 
 
+def test_activation_sparsity_fits_and_refits_a_learned_chooser(tiny_folder, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), "--fractions", "0.5", "--minutes",
+           "0.05", "--window", "32", "--train-tokens", "256", "--eval-windows", "1", "--train-data", str(text)]
+    proc = subprocess.run([*run, "--exact-neurons", "--chooser-steps", "2", "--chooser-tokens", "128",
+                           "--chooser-refit", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["stage"] for r in rows] == ["training-free", "chooser", "end2end", "chooser refit"]
+    assert [r["steps"] for r in rows[:2]] == [0, 2] and rows[2]["steps"] >= 1 and rows[3]["steps"] == 2
+    assert all(r["chooser_steps"] == 2 and r["exact_neurons"] for r in rows)
+    assert "chooser recall of the exact neurons" in proc.stderr + proc.stdout
+    for bad, message in ((["--chooser-steps", "2"], "--chooser-steps needs --exact-neurons"),
+                         (["--exact-neurons", "--chooser-refit"], "--chooser-refit needs --chooser-steps")):
+        proc = subprocess.run([*run, *bad], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
 def test_activation_sparsity_refuses_a_fraction_it_cannot_reach(tiny_folder):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = lambda *a: subprocess.run([sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), *a],  # noqa: E731
