@@ -233,12 +233,16 @@ class SparseFFN(nn.Module):
                 return kernel(x.contiguous(), keep_in, keep_h).view(shape)
         return self.forward_masked(x, keep_in, keep_h).view(shape)
 
-    def forward_masked(self, x: torch.Tensor, keep_in: int, keep_h: int) -> torch.Tensor:
-        """The reference and training path: masks on dense products, x [T, D] -> [T, D]."""
+    def sparse_input(self, x: torch.Tensor, keep_in: int) -> torch.Tensor:
+        """x [T, D] with all but each token's `keep_in` channels of largest |x_j| * ||W_in[:, j]|| zeroed."""
         with torch.no_grad():  # the masks are choices, not functions to differentiate
             mask_in = top_mask(x.abs() * self.channel_norms(), keep_in)  # [T, D]
+        return x * mask_in
+
+    def forward_masked(self, x: torch.Tensor, keep_in: int, keep_h: int) -> torch.Tensor:
+        """The reference and training path: masks on dense products, x [T, D] -> [T, D]."""
         with torch.no_grad() if self.exact_neurons else contextlib.nullcontext():  # exact: the pass only chooses
-            h = self.chooser().intermediate(x * mask_in)  # [T, F]
+            h = self.chooser().intermediate(self.sparse_input(x, keep_in))  # [T, F]
             mask_h = top_mask(h.detach().abs() * self.neuron_norms(), keep_h)  # [T, F]
         if self.exact_neurons:
             h = self.weights().intermediate(x)  # the chosen neurons' values on the full input (masked below)
@@ -434,14 +438,13 @@ def _fit_block_chooser(block: SparseFFN, x: torch.Tensor, x_held: torch.Tensor, 
     before and after."""
     keep_in, keep_h = block.kept_counts()
     with torch.no_grad():
-        col, weight = block.channel_norms(), block.neuron_norms()  # [D], [F]
+        weight = block.neuron_norms()  # [F]
         target, target_held = block.weights().intermediate(x), block.weights().intermediate(x_held)  # [T, F]
-    sparse_input = lambda x: x * top_mask(x.abs() * col, keep_in)  # noqa: E731  [T, D]: what the pass reads
 
     @torch.no_grad()
     def recall() -> float:
         exact = top_mask(target_held.abs() * weight, keep_h)  # [T, F]
-        chosen = top_mask(block.chooser().intermediate(sparse_input(x_held)).abs() * weight, keep_h)
+        chosen = top_mask(block.chooser().intermediate(block.sparse_input(x_held, keep_in)).abs() * weight, keep_h)
         return ((exact * chosen).sum() / exact.sum()).item()
 
     before = recall()
@@ -451,7 +454,7 @@ def _fit_block_chooser(block: SparseFFN, x: torch.Tensor, x_held: torch.Tensor, 
     opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen)
-        loss = chooser_loss(block.chooser().intermediate(sparse_input(x[idx])), target[idx], weight)
+        loss = chooser_loss(block.chooser().intermediate(block.sparse_input(x[idx], keep_in)), target[idx], weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
