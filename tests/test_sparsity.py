@@ -130,6 +130,12 @@ def test_fit_chooser_needs_an_exact_neuron_sparse_model():
         fit_chooser_(tiny_model("llama"), token_batch(2, 16))
     with pytest.raises(ValueError, match="needs exact_neurons=True"):
         fit_chooser_(sparsify_(tiny_model("llama"), SparsityConfig(0.5, 0.5)), token_batch(2, 16))
+    exact = sparsify_(tiny_model("llama"), SparsityConfig(0.5, 0.5, exact_neurons=True))
+    with pytest.raises(ValueError, match=r"needs token ids \[B, S\] of at least 2 tokens, got shape \(0, 16\)"):
+        fit_chooser_(exact, token_batch(2, 16)[:0])
+    with pytest.raises(ValueError, match="must be positive"):
+        fit_chooser_(exact, token_batch(2, 16), steps=0)
+    assert all(b.chooser_in is None for _, b in sparse_layers(exact))  # nothing changed before the error
 
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler: the masked path runs instead")

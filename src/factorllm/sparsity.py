@@ -408,6 +408,8 @@ def fit_chooser_(model: nn.Module, windows: torch.Tensor, steps: int = 100, lr: 
                          "are the FFN's output, not only a choice")
     if steps < 1 or lr <= 0 or batch_tokens < 1:
         raise ValueError(f"steps={steps}, lr={lr} and batch_tokens={batch_tokens} must be positive")
+    if windows.dim() != 2 or windows.numel() < 2:
+        raise ValueError(f"fit_chooser_ needs token ids [B, S] of at least 2 tokens, got shape {tuple(windows.shape)}")
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in blocks}
     hooks = [b.register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(
         args[0].detach().reshape(-1, args[0].shape[-1]))) for name, b in blocks]  # [B*S, D] each
@@ -424,9 +426,7 @@ def fit_chooser_(model: nn.Module, windows: torch.Tensor, steps: int = 100, lr: 
     recalls = {}
     for name, block in blocks:
         x = torch.cat(inputs.pop(name))  # [T, D]
-        held = max(1, x.shape[0] // 8)
-        if x.shape[0] - held < 1:
-            raise ValueError(f"fit_chooser_ got {x.shape[0]} tokens; give it more windows")
+        held = max(1, x.shape[0] // 8)  # >= 1 token left to fit on: windows hold at least 2
         block.add_chooser()
         recalls[name] = _fit_block_chooser(block, x[:-held], x[-held:], steps, lr, batch_tokens, gen)
     return recalls
