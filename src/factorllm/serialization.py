@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
