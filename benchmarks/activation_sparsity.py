@@ -29,7 +29,7 @@ from factorllm import load_model, perplexity
 from factorllm.adapters import ffns_gated, find_ffns
 from factorllm.data import load_text, tokenize
 from factorllm.serialization import atomic_write_text
-from factorllm.sparsity import SparsityConfig, choose_input_keep, fit_chooser_, sparsify_
+from factorllm.sparsity import SparsityConfig, choose_input_keep, fit_chooser_, mean_recall, sparsify_
 from factorllm.train import TrainConfig, TrainData, train
 
 # NOTE: the run of 2026-12-01 (README) tried input shares (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25%
@@ -120,9 +120,8 @@ def main() -> int:
                 steps = args.chooser_steps
                 if args.chooser_refit and stage == "chooser":  # the first fit
                     reserve = (time.time() - t0) / 60
-                log("chooser recall of the exact neurons, mean over layers: "
-                    f"{sum(b for b, _ in recalls.values()) / len(recalls):.3f} -> "
-                    f"{sum(a for _, a in recalls.values()) / len(recalls):.3f}")
+                before, after = mean_recall(recalls)
+                log(f"chooser recall of the exact neurons, mean over layers: {before:.3f} -> {after:.3f}")
             elif tcfg.mode == "layerwise":
                 train(model, dense, TrainData(train_w), tcfg, progress=False)
                 steps = tcfg.max_steps

@@ -432,6 +432,11 @@ def fit_chooser_(model: nn.Module, windows: torch.Tensor, steps: int = 100, lr: 
     return recalls
 
 
+def mean_recall(recalls: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """(before, after) of `fit_chooser_`'s per-block recalls, averaged over the blocks."""
+    return tuple(sum(r[i] for r in recalls.values()) / len(recalls) for i in (0, 1))
+
+
 def _fit_block_chooser(block: SparseFFN, x: torch.Tensor, x_held: torch.Tensor, steps: int, lr: float,
                        batch_tokens: int, gen: torch.Generator) -> tuple[float, float]:
     """Fits one block's chooser on inputs x [T, D]; returns its recall of the exact top neurons on x_held

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from factorllm.cli.common import calibration_windows
     from factorllm.loading import load_model
     from factorllm.serialization import save
-    from factorllm.sparsity import SparsityConfig, choose_input_keep, fit_chooser_, sparsify_
+    from factorllm.sparsity import SparsityConfig, choose_input_keep, fit_chooser_, mean_recall, sparsify_
 
     dense_layers = tuple(args.dense_layers)
     if args.chooser_steps < 0 or (args.chooser_steps and not args.exact_neurons):
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     sparsify_(model, cfg)
     if args.chooser_steps:
         recalls = fit_chooser_(model, calib, steps=args.chooser_steps)
-        before, after = (sum(r[i] for r in recalls.values()) / len(recalls) for i in (0, 1))
+        before, after = mean_recall(recalls)
         print(f"learned chooser: {args.chooser_steps} steps a layer on {calib.numel()} tokens of {args.calib_data}; "
               f"the exact top neurons it keeps (held-out eighth, mean over layers) {before:.3f} -> {after:.3f}")
     model.factor_source = args.model  # the dense model: `factorllm train` uses it as the default teacher
