@@ -10,7 +10,8 @@ granularity could reach with a perfect predictor). Same data, windows and evalua
 `--layerwise-steps N` adds a layer-wise reconstruction stage (N steps a layer) before the end-to-end one, inside
 the same --minutes. `--chooser-steps N` (with --exact-neurons) first fits a learned neuron chooser
 (`factorllm.sparsity.fit_chooser_`, N steps a layer on --chooser-tokens of the training text), also inside --minutes;
-`--chooser-refit` fits it again at the end, to the fine-tuned FFN weights.
+`--chooser-weight W` trains it along in the end-to-end stage (TrainConfig.chooser_weight); `--chooser-refit` fits it
+again at the end, to the fine-tuned FFN weights. `--input-keep X` sets the input share instead of the grid search.
 
     python benchmarks/activation_sparsity.py --minutes 28 --json results/activation_sparsity.json
 """
@@ -54,9 +55,16 @@ def main() -> int:
                     help="steps a layer of fitting a learned neuron chooser before the other stages (needs "
                          "--exact-neurons; 0: the input-sparse pass reads the FFN's own weights)")
     ap.add_argument("--chooser-tokens", type=int, default=16384, help="training tokens the chooser is fitted on")
+    ap.add_argument("--chooser-weight", type=float, default=0.0,
+                    help="train the chooser along in the end-to-end stage, with the chooser loss at this weight "
+                         "(TrainConfig.chooser_weight; needs --chooser-steps; 0: frozen there)")
+    ap.add_argument("--chooser-lr", type=float, default=3e-3, help="the chooser's rate in the end-to-end stage")
     ap.add_argument("--chooser-refit", action="store_true",
                     help="fit the chooser again after the end-to-end stage, to the fine-tuned FFN weights (its "
                          "minutes, as long as the first fit took, come out of the end-to-end stage's)")
+    ap.add_argument("--input-keep", type=float,
+                    help="the input share at every fraction, instead of the one the grid search chooses (the "
+                         "search runs without a chooser, and with one a lower share can be better)")
     ap.add_argument("--train-tokens", type=int, default=32768)
     ap.add_argument("--train-data", default="kjv+python-source")
     ap.add_argument("--eval-windows", type=int, default=8)
@@ -66,8 +74,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.chooser_steps and not args.exact_neurons:
         ap.error("--chooser-steps needs --exact-neurons")
-    if args.chooser_refit and not args.chooser_steps:
-        ap.error("--chooser-refit needs --chooser-steps")
+    if (args.chooser_refit or args.chooser_weight) and not args.chooser_steps:
+        ap.error("--chooser-refit and --chooser-weight need --chooser-steps")
     if args.minutes < 0 or not all(0 < f <= 1 for f in args.fractions):
         ap.error(f"--minutes must be >= 0 and --fractions in (0, 1], got {args.minutes} and {args.fractions}")
     t_start = time.time()
@@ -86,11 +94,15 @@ def main() -> int:
     rows = []
     for frac in args.fractions:
         try:
-            cfg, scored = choose_input_keep(dense, probe, frac, tuple(args.dense_layers), args.exact_neurons)
+            if args.input_keep is None:
+                cfg, scored = choose_input_keep(dense, probe, frac, tuple(args.dense_layers), args.exact_neurons)
+            else:
+                cfg, scored = SparsityConfig.for_compute(frac, args.input_keep, gated, tuple(args.dense_layers),
+                                                         layers, args.exact_neurons), {}
         except ValueError as err:
-            sys.exit(f"{err} (--fractions)")
-        log(f"{frac:.0%}: input_keep by probe loss {({k: round(v, 4) for k, v in scored.items()})} -> "
-            f"{cfg.input_keep}, neuron_keep {cfg.neuron_keep:.3f}")
+            sys.exit(f"{err} (--fractions, --input-keep)")
+        how = f"by probe loss {({k: round(v, 4) for k, v in scored.items()})} ->" if scored else "given:"
+        log(f"{frac:.0%}: input_keep {how} {cfg.input_keep}, neuron_keep {cfg.neuron_keep:.3f}")
         sparse_frac = cfg.ffn_compute(gated)
         oracle_ppl = ppl(sparsify_(copy.deepcopy(dense), SparsityConfig(1.0, sparse_frac, cfg.dense_layers)))
         model = sparsify_(copy.deepcopy(dense), cfg)
@@ -105,6 +117,7 @@ def main() -> int:
         if args.minutes > 0:
             stages.append(("end2end", TrainConfig(mode="end2end", train_router=False, train_experts=True,
                                                   distill_weight=1.0, lr=args.lr, batch_size=2, max_steps=10**6,
+                                                  chooser_weight=args.chooser_weight, chooser_lr=args.chooser_lr,
                                                   save_every=0)))
         if args.chooser_refit:
             stages.append(("chooser refit", "chooser"))
@@ -132,7 +145,7 @@ def main() -> int:
             row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
                    "exact_neurons": cfg.exact_neurons,
                    "dense_layers": list(cfg.dense_layers), "ffn_compute": compute, "train_data": args.train_data,
-                   "chooser_steps": args.chooser_steps,
+                   "chooser_steps": args.chooser_steps, "chooser_weight": args.chooser_weight,
                    "lr": getattr(tcfg, "lr", None), "stage": stage, "steps": steps,
                    "train_minutes": minutes, "ppl": {}}
             for d, v in ppl(model).items():

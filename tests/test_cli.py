@@ -140,6 +140,14 @@ def test_sparsify_fits_a_learned_chooser_and_saves_it(tiny_folder, tmp_path, cap
     assert "learned chooser: 5 steps a layer on 256 tokens" in capsys.readouterr().out
     model, _ = load(out)
     assert all(b.chooser_in is not None for _, b in sparse_layers(model))
+    run = ["train", "--model", str(out), "--data", str(text), "--window", "64", "--tokens", "256", "--steps", "2",
+           "--batch-size", "2", "--mode", "end2end", "--train", "experts", "--lr", "1e-3"]
+    for weight in ("0", "1"):  # frozen, then trained along
+        assert main([*run, "--chooser-weight", weight, "--chooser-lr", "1e-2", "--output", str(tmp_path / weight)]) == 0
+        trained, _ = load(tmp_path / weight / "model")
+        moved = [not torch.equal(a.chooser_in, b.chooser_in)
+                 for (_, a), (_, b) in zip(sparse_layers(model), sparse_layers(trained), strict=True)]
+        assert all(moved) if weight == "1" else not any(moved)
     rc = main(["sparsify", "--model", str(tiny_folder), "--input-keep", "0.25", "--neuron-keep", "0.25",
                "--chooser-steps", "5", "--output", str(tmp_path / "o")])
     assert rc == 2 and "with --exact-neurons" in capsys.readouterr().err and not (tmp_path / "o").exists()

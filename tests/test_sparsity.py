@@ -23,6 +23,7 @@ from factorllm.sparsity import (
     sparsify_,
     top_mask,
 )
+from factorllm.tracing import trace_inputs
 from factorllm.train import TrainConfig, TrainData, train
 
 
@@ -103,14 +104,21 @@ def test_a_learned_chooser_changes_which_neurons_run_not_their_values(family, to
         SparseFFN.from_dense(mlp, SparsityConfig(0.25, 0.25)).add_chooser()
 
 
-def test_fit_chooser_finds_more_of_the_exact_neurons_and_leaves_the_ffn_alone():
+def _correlated_llama():
+    """A tiny Llama whose embeddings have rank 2: correlated channels, as a trained model's residual stream has (a
+    random model's channels are independent: nothing to predict the dropped ones from)."""
     dense = tiny_model("llama")
-    with torch.no_grad():  # embeddings of rank 2: correlated channels, as a trained model's residual stream has
-        emb, gen = dense.model.embed_tokens.weight, torch.Generator().manual_seed(0)  # [V, D]; a random model's
+    with torch.no_grad():
+        emb, gen = dense.model.embed_tokens.weight, torch.Generator().manual_seed(0)  # [V, D]
         emb.copy_(torch.randn(emb.shape[0], 2, generator=gen) @ torch.randn(2, emb.shape[1], generator=gen) / 2**.5)
+    return dense
+
+
+def test_fit_chooser_finds_more_of_the_exact_neurons_and_leaves_the_ffn_alone():
+    dense = _correlated_llama()
     model = sparsify_(copy.deepcopy(dense), SparsityConfig(0.25, 0.25, exact_neurons=True))
     ffn_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    recalls = fit_chooser_(model, token_batch(16, 32))  # channels are independent: nothing to predict from
+    recalls = fit_chooser_(model, token_batch(16, 32))
     assert list(recalls) == [n for n, _ in sparse_layers(model)]
     for before, after in recalls.values():  # measured on tokens no step trains on
         assert after > before + 0.08
@@ -123,6 +131,54 @@ def test_fit_chooser_finds_more_of_the_exact_neurons_and_leaves_the_ffn_alone():
     train(model, dense, TrainData(token_batch(8, 16)), cfg, progress=False)
     assert all(torch.equal(p, chooser[n]) for n, p in model.named_parameters() if "chooser" in n)
     assert not torch.equal(model.model.layers[0].mlp.w_up, ffn_weights["model.layers.0.mlp.w_up"])
+
+
+def _chooser_errors(model, ids):
+    """Each learned chooser's loss on its block's input when the model runs ids [B, S]."""
+    blocks = [b for _, b in sparse_layers(model)]
+    with torch.no_grad(), trace_inputs(blocks) as inputs:
+        model(input_ids=ids)
+    with torch.no_grad():
+        return [b.chooser_error(x).item() for b, x in zip(blocks, inputs, strict=True)]
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("end2end", dict(distill_weight=1.0, batch_size=4, max_steps=20)),
+    ("layerwise", dict(recon_weight=1.0, token_batch=128, layerwise_tokens=256, max_steps=40)),
+])
+def test_training_the_chooser_along_fits_it_to_the_changing_ffn(mode, extra):
+    dense = _correlated_llama()
+    start = sparsify_(copy.deepcopy(dense), SparsityConfig(0.25, 0.25, exact_neurons=True))
+    for _, block in sparse_layers(start):
+        block.add_chooser()  # unfitted: copies of the FFN's own projections
+    ids, held = token_batch(16, 16), token_batch(4, 16, seed=1)
+    runs = {}
+    for weight in (0.0, 1.0):
+        model = copy.deepcopy(start)
+        cfg = TrainConfig(mode=mode, train_router=False, train_experts=True, lr=1e-2, chooser_weight=weight,
+                          chooser_lr=3e-2, save_every=0, **extra)
+        train(model, dense, TrainData(ids), cfg, progress=False)
+        runs[weight] = model
+    frozen, along = runs[0.0], runs[1.0]
+    unfitted = dict(start.named_parameters())
+    assert all(torch.equal(p, unfitted[n]) for n, p in frozen.named_parameters() if "chooser" in n)
+    for a, b in zip(_chooser_errors(along, held), _chooser_errors(frozen, held), strict=True):
+        assert a < 0.8 * b  # on windows no step saw
+    # the FFN weights still train (the chooser loss reaches only the chooser: it only chooses)
+    assert not torch.equal(along.model.layers[1].mlp.w_up, start.model.layers[1].mlp.w_up)
+
+
+def test_training_the_chooser_needs_one_and_a_positive_rate():
+    dense = tiny_model("llama")
+    model = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.5, exact_neurons=True))
+    cfg = TrainConfig(mode="end2end", train_router=False, train_experts=True, distill_weight=1.0, chooser_weight=1.0,
+                      max_steps=1, save_every=0)
+    with pytest.raises(ValueError, match="fit them first with factorllm.fit_chooser_"):
+        train(model, dense, TrainData(token_batch(2, 16)), cfg, progress=False)
+    with pytest.raises(ValueError, match="has no learned chooser"):
+        sparse_layers(model)[0][1].chooser_error(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="learning rates must be > 0"):
+        TrainConfig(chooser_lr=0.0)
 
 
 def test_fit_chooser_needs_an_exact_neuron_sparse_model():

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_quality.py"
 
 
@@ -80,7 +82,7 @@ def test_activation_sparsity_writes_a_row_per_stage_at_the_fraction(tiny_folder,
     assert [r["steps"] for r in rows[:2]] == [0, 2] and rows[2]["steps"] >= 1
 
 
-def test_activation_sparsity_fits_and_refits_a_learned_chooser(tiny_folder, tmp_path):
+def test_activation_sparsity_fits_trains_along_and_refits_a_learned_chooser(tiny_folder, tmp_path):
     text = tmp_path / "train.txt"
     text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
     out = tmp_path / "rows.json"
@@ -88,15 +90,19 @@ def test_activation_sparsity_fits_and_refits_a_learned_chooser(tiny_folder, tmp_
     run = [sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), "--fractions", "0.5", "--minutes",
            "0.05", "--window", "32", "--train-tokens", "256", "--eval-windows", "1", "--train-data", str(text)]
     proc = subprocess.run([*run, "--exact-neurons", "--chooser-steps", "2", "--chooser-tokens", "128",
-                           "--chooser-refit", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--chooser-weight", "1", "--chooser-refit", "--input-keep", "0.3", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r["stage"] for r in rows] == ["training-free", "chooser", "end2end", "chooser refit"]
     assert [r["steps"] for r in rows[:2]] == [0, 2] and rows[2]["steps"] >= 1 and rows[3]["steps"] == 2
-    assert all(r["chooser_steps"] == 2 and r["exact_neurons"] for r in rows)
+    assert all(r["chooser_steps"] == 2 and r["chooser_weight"] == 1 and r["exact_neurons"] for r in rows)
+    assert all(r["input_keep"] == 0.3 and r["neuron_keep"] == pytest.approx(0.3) for r in rows)  # given, not searched
+    assert "input_keep given: 0.3" in proc.stderr + proc.stdout
     assert "chooser recall of the exact neurons" in proc.stderr + proc.stdout
     for bad, message in ((["--chooser-steps", "2"], "--chooser-steps needs --exact-neurons"),
-                         (["--exact-neurons", "--chooser-refit"], "--chooser-refit needs --chooser-steps")):
+                         (["--exact-neurons", "--chooser-refit"], "--chooser-refit and --chooser-weight need"),
+                         (["--exact-neurons", "--chooser-weight", "1"], "--chooser-refit and --chooser-weight need")):
         proc = subprocess.run([*run, *bad], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 2 and message in proc.stderr
 
@@ -109,6 +115,9 @@ def test_activation_sparsity_refuses_a_fraction_it_cannot_reach(tiny_folder):
     assert proc.returncode == 2 and "--fractions in (0, 1]" in proc.stderr
     proc = run("--fractions", "0.04", "--eval-windows", "1", "--window", "32", "--train-tokens", "256")
     assert proc.returncode == 1 and "at 4% of the FFN compute no input share on the grid" in proc.stderr
+    proc = run("--fractions", "0.5", "--input-keep", "0.9", "--eval-windows", "1", "--window", "32",
+               "--train-tokens", "256")  # 2/3 of the FFN on the input pass alone: more than half
+    assert proc.returncode == 1 and "input_keep=0.9 leaves neuron_keep" in proc.stderr and "--input-keep" in proc.stderr
 
 
 SPEED_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sparse_speed.py"

@@ -37,6 +37,7 @@ from torch import nn
 from factorllm import native
 from factorllm.adapters import FFNWeights, adapter_for, ffns_gated, find_ffns
 from factorllm.losses import chooser_loss, distill_loss
+from factorllm.tracing import trace_inputs
 
 # Up to this many tokens a call runs the native kernel (each token reads only its kept weights); more run the
 # masked dense products, which batch the tokens into matrix products. Measured (2 threads, SmolLM2's and
@@ -239,6 +240,18 @@ class SparseFFN(nn.Module):
             mask_in = top_mask(x.abs() * self.channel_norms(), keep_in)  # [T, D]
         return x * mask_in
 
+    def chooser_error(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The learned chooser's loss on inputs x [T, D] (`losses.chooser_loss`): how far the values it gives from
+        each token's kept channels are from the exact neuron values, `target` [T, F] (computed here when not
+        given). Differentiable in the chooser's weights only."""
+        if self.chooser_in is None:
+            raise ValueError("the block has no learned chooser: call factorllm.fit_chooser_ (or add_chooser) first")
+        if target is None:
+            with torch.no_grad():
+                target = self.weights().intermediate(x)  # [T, F]
+        pred = self.chooser().intermediate(self.sparse_input(x.detach(), self.kept_counts()[0]))  # [T, F]
+        return chooser_loss(pred, target, self.neuron_norms())
+
     def forward_masked(self, x: torch.Tensor, keep_in: int, keep_h: int) -> torch.Tensor:
         """The reference and training path: masks on dense products, x [T, D] -> [T, D]."""
         with torch.no_grad() if self.exact_neurons else contextlib.nullcontext():  # exact: the pass only chooses
@@ -410,22 +423,22 @@ def fit_chooser_(model: nn.Module, windows: torch.Tensor, steps: int = 100, lr: 
         raise ValueError(f"steps={steps}, lr={lr} and batch_tokens={batch_tokens} must be positive")
     if windows.dim() != 2 or windows.numel() < 2:
         raise ValueError(f"fit_chooser_ needs token ids [B, S] of at least 2 tokens, got shape {tuple(windows.shape)}")
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in blocks}
-    hooks = [b.register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(
-        args[0].detach().reshape(-1, args[0].shape[-1]))) for name, b in blocks]  # [B*S, D] each
+    inputs: list[list[torch.Tensor]] = [[] for _ in blocks]  # per block: [B*S, D] a batch
     was_training = model.training
     try:
         with torch.no_grad():
             for batch in windows.split(batch_size):  # [<=batch_size, S]
-                model.eval()(input_ids=batch, use_cache=False)
+                with trace_inputs([b for _, b in blocks]) as seen:
+                    model.eval()(input_ids=batch, use_cache=False)
+                for acc, x in zip(inputs, seen, strict=True):
+                    acc.append(x)
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
     gen = torch.Generator().manual_seed(seed)
     recalls = {}
-    for name, block in blocks:
-        x = torch.cat(inputs.pop(name))  # [T, D]
+    for (name, block), xs in zip(blocks, inputs, strict=True):
+        x = torch.cat(xs)  # [T, D]
+        xs.clear()  # frees each block's inputs once fitted
         held = max(1, x.shape[0] // 8)  # >= 1 token left to fit on: windows hold at least 2
         block.add_chooser()
         recalls[name] = _fit_block_chooser(block, x[:-held], x[-held:], steps, lr, batch_tokens, gen)
@@ -459,7 +472,7 @@ def _fit_block_chooser(block: SparseFFN, x: torch.Tensor, x_held: torch.Tensor, 
     opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=gen)
-        loss = chooser_loss(block.chooser().intermediate(block.sparse_input(x[idx], keep_in)), target[idx], weight)
+        loss = block.chooser_error(x[idx], target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -39,6 +39,7 @@ from factorllm.adapters import adapter_for, find_ffns
 from factorllm.moe import MoEFeedForward, moe_layers
 from factorllm.router import RouterOutput
 from factorllm.sparsity import SparseFFN
+from factorllm.tracing import trace_inputs
 
 MODES = ("layerwise", "end2end")
 
@@ -59,6 +60,9 @@ class TrainConfig:
         switch_weight, ref_balance_weight: Switch-style and the reference code's balance terms.
         recon_weight: layerwise only: the block's output against the dense FFN's (relative squared error).
         lm_weight, distill_weight: end2end only: next-token loss and KL to the teacher's logits.
+        chooser_weight, chooser_lr: activation-sparse FFNs with a learned chooser (`factorllm.fit_chooser_`):
+            train it along, on each block's own input in this run, with `losses.chooser_loss` at this weight
+            and its own rate (None: `lr`), so that it keeps choosing well as the FFN weights change (0: frozen).
         straight_through: hard gating passes the chosen experts' probabilities' gradient to the router.
         lr, router_lr: the learning rate, and the routers' own where it differs (None: `lr`); end-to-end
             fine-tuning of experts wants a small rate, their freshly trained routers a larger one.
@@ -81,6 +85,8 @@ class TrainConfig:
     recon_weight: float = 0.0
     lm_weight: float = 0.0
     distill_weight: float = 0.0
+    chooser_weight: float = 0.0
+    chooser_lr: float | None = None
     straight_through: bool = False
     cache_teacher: bool = True
     lr: float = 1e-3
@@ -118,8 +124,9 @@ class TrainConfig:
             raise ValueError("train_router needs pa_weight, bce_weight, lm_weight or distill_weight > 0")
         if self.train_experts and not expert_terms:
             raise ValueError("train_experts needs recon_weight (layerwise), distill_weight or lm_weight > 0")
-        if self.lr <= 0 or (self.router_lr is not None and self.router_lr <= 0):
-            raise ValueError(f"learning rates must be > 0, got lr={self.lr}, router_lr={self.router_lr}")
+        rates = {"lr": self.lr, "router_lr": self.router_lr, "chooser_lr": self.chooser_lr}
+        if any(r is not None and r <= 0 for r in rates.values()):
+            raise ValueError(f"learning rates must be > 0, got {rates}")
         for name in ("max_steps", "batch_size", "token_batch", "layerwise_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -344,7 +351,7 @@ class Checkpointer:
 
 def _fingerprint(model: nn.Module, cfg: TrainConfig, data: TrainData) -> str:
     blocks = [(n, b.experts.sizes, b.router.gating, b.router.top_k) if isinstance(b, MoEFeedForward)
-              else (n, b.input_keep, b.neuron_keep) for n, b in ffn_blocks(model)]
+              else (n, b.input_keep, b.neuron_keep, b.chooser_in is not None) for n, b in ffn_blocks(model)]
     digest = hashlib.sha256(data.train.numpy().tobytes()).hexdigest()[:16]
     return json.dumps({"config": cfg.fingerprint(), "blocks": blocks, "data": digest})
 
@@ -423,9 +430,9 @@ def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
     for _, block in ffn_blocks(model):
         if isinstance(block, SparseFFN):
             block.requires_grad_(cfg.train_experts)
-            for p in (block.chooser_in, block.chooser_up):  # fitted by sparsity.fit_chooser_, no gradient reaches it
+            for p in (block.chooser_in, block.chooser_up):  # only the chooser loss reaches it (it only chooses)
                 if p is not None:
-                    p.requires_grad_(False)
+                    p.requires_grad_(cfg.chooser_weight > 0)
     for _, block in moe_layers(model):
         block.router.straight_through = cfg.straight_through
         for p in block.router.parameters():
@@ -436,11 +443,15 @@ def _set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 def _param_groups(blocks: Sequence[nn.Module], cfg: TrainConfig) -> list[dict]:
-    """AdamW groups of the blocks' trainable parameters: the routers' (at `router_lr` where set), the rest."""
+    """AdamW groups of the blocks' trainable parameters: the routers' (at `router_lr` where set), the learned
+    choosers' (at `chooser_lr` where set), the rest."""
     router = [p for b in blocks if isinstance(b, MoEFeedForward) for p in b.router.parameters() if p.requires_grad]
-    ids = {id(p) for p in router}
+    chooser = [p for b in blocks if isinstance(b, SparseFFN) for p in (b.chooser_in, b.chooser_up)
+               if p is not None and p.requires_grad]
+    ids = {id(p) for p in router + chooser}
     rest = [p for b in blocks for p in b.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": router, **({"lr": cfg.router_lr} if cfg.router_lr is not None else {})},
+    rate = lambda r: {"lr": r} if r is not None else {}  # noqa: E731
+    groups = [{"params": router, **rate(cfg.router_lr)}, {"params": chooser, **rate(cfg.chooser_lr)},
               {"params": rest}]
     return [g for g in groups if g["params"]]
 
@@ -472,6 +483,10 @@ def train(model: nn.Module, teacher: nn.Module, data: TrainData | torch.Tensor, 
     if cfg.train_router and not moe_layers(model):
         raise ValueError("the model has no routers (its FFNs are activation-sparse: factorllm.sparsify_); set "
                          "train_router=False and train_experts=True")
+    if cfg.chooser_weight and not any(isinstance(b, SparseFFN) and b.chooser_in is not None
+                                      for _, b in ffn_blocks(model)):
+        raise ValueError("chooser_weight > 0 trains learned choosers, and the model has none; fit them first with "
+                         "factorllm.fit_chooser_ (exact-neuron activation sparsity), or set chooser_weight=0")
     if any(b.router.gating == "oracle" for _, b in moe_layers(model)):
         raise ValueError("the oracle gating has no router to train; set a real gating with factorllm.set_routing_")
     check_teacher(model, teacher)
@@ -532,9 +547,12 @@ def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result,
 
     teacher_logits = TeacherLogits(teacher, cfg.cache_teacher)
 
+    choosers = [b for _, b in ffn_blocks(model) if isinstance(b, SparseFFN) and b.chooser_in is not None] \
+        if cfg.chooser_weight else []
+
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         windows, ids = batch
-        with trace_routing(model) as traces:
+        with trace_routing(model) as traces, trace_inputs(choosers) as chooser_inputs:
             out = wrapped(input_ids=ids, use_cache=False)
         loss = out.logits.new_zeros(())
         if cfg.lm_weight:
@@ -548,6 +566,9 @@ def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result,
                 labels = pa_labels(block, ffn, tr.inputs.detach(), cfg.pseudo_label) \
                     if (cfg.pa_weight or cfg.bce_weight) else None
                 loss = loss + router_loss(cfg, tr.routing.logits, tr.routing.indices, labels, block.router.top_k)
+        if choosers:  # each learned chooser on its block's input in this pass (mean over blocks)
+            loss = loss + cfg.chooser_weight * sum(
+                b.chooser_error(x) for b, x in zip(choosers, chooser_inputs, strict=True)) / len(choosers)
         return loss, ids.numel()
 
     state = {"layer": None}
@@ -606,6 +627,8 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, resul
                 loss = loss + router_loss(cfg, rout.logits, rout.indices, labels, block.router.top_k)
             if cfg.recon_weight:
                 loss = loss + cfg.recon_weight * losses.reconstruction_loss(block(x[None])[0], y)
+            if cfg.chooser_weight and isinstance(block, SparseFFN) and block.chooser_in is not None:
+                loss = loss + cfg.chooser_weight * block.chooser_error(x)
             return loss, x.shape[0]
 
         state = {"layer": li}

@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recon-weight", type=float, default=None, help="default 1 when experts train layerwise")
     p.add_argument("--lm-weight", type=float, default=0.0)
     p.add_argument("--distill-weight", type=float, default=None, help="default 1 when experts train end2end")
+    p.add_argument("--chooser-weight", type=float, default=0.0,
+                   help="activation-sparse models with a learned chooser (`factorllm sparsify --chooser-steps`): "
+                        "train it along at this weight of the chooser loss (default 0: frozen)")
+    p.add_argument("--chooser-lr", type=float, default=None, help="the chooser's rate (default: --lr)")
     p.add_argument("--straight-through", action="store_true")
     p.add_argument("--no-teacher-cache", action="store_true",
                    help="end2end: run the whole teacher every step instead of keeping each window's hidden states")
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         pseudo_label=args.pseudo_label, pa_weight=args.pa_weight, bce_weight=args.bce_weight,
         switch_weight=args.switch_weight, ref_balance_weight=args.ref_balance_weight, recon_weight=recon,
         lm_weight=args.lm_weight, distill_weight=distill, straight_through=args.straight_through,
+        chooser_weight=args.chooser_weight, chooser_lr=args.chooser_lr,
         cache_teacher=not args.no_teacher_cache,
         max_steps=args.steps, lr=args.lr, router_lr=args.router_lr, batch_size=args.batch_size,
         token_batch=args.token_batch,
