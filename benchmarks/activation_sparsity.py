@@ -59,6 +59,8 @@ def main() -> int:
                     help="train the chooser along in the end-to-end stage, with the chooser loss at this weight "
                          "(TrainConfig.chooser_weight; needs --chooser-steps; 0: frozen there)")
     ap.add_argument("--chooser-lr", type=float, default=3e-3, help="the chooser's rate in the end-to-end stage")
+    ap.add_argument("--chooser-step-tokens", type=int, default=256,
+                    help="tokens of each end-to-end step the chooser loss reads (TrainConfig.chooser_tokens)")
     ap.add_argument("--chooser-refit", action="store_true",
                     help="fit the chooser again after the end-to-end stage, to the fine-tuned FFN weights (its "
                          "minutes, as long as the first fit took, come out of the end-to-end stage's)")
@@ -118,6 +120,7 @@ def main() -> int:
             stages.append(("end2end", TrainConfig(mode="end2end", train_router=False, train_experts=True,
                                                   distill_weight=1.0, lr=args.lr, batch_size=2, max_steps=10**6,
                                                   chooser_weight=args.chooser_weight, chooser_lr=args.chooser_lr,
+                                                  chooser_tokens=args.chooser_step_tokens,
                                                   save_every=0)))
         if args.chooser_refit:
             stages.append(("chooser refit", "chooser"))
@@ -146,6 +149,7 @@ def main() -> int:
                    "exact_neurons": cfg.exact_neurons,
                    "dense_layers": list(cfg.dense_layers), "ffn_compute": compute, "train_data": args.train_data,
                    "chooser_steps": args.chooser_steps, "chooser_weight": args.chooser_weight,
+                   "chooser_step_tokens": args.chooser_step_tokens if args.chooser_weight else None,
                    "lr": getattr(tcfg, "lr", None), "stage": stage, "steps": steps,
                    "train_minutes": minutes, "ppl": {}}
             for d, v in ppl(model).items():

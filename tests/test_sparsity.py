@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -168,6 +169,36 @@ def test_training_the_chooser_along_fits_it_to_the_changing_ffn(mode, extra):
     assert not torch.equal(along.model.layers[1].mlp.w_up, start.model.layers[1].mlp.w_up)
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_run_training_the_chooser_along_resumes_where_it_stopped(tmp_path):
+    dense = _correlated_llama()
+    start = sparsify_(copy.deepcopy(dense), SparsityConfig(0.25, 0.25, exact_neurons=True))
+    fit_chooser_(start, token_batch(4, 16), steps=2)
+    data = TrainData(token_batch(8, 16))
+    cfg = TrainConfig(mode="end2end", train_router=False, train_experts=True, distill_weight=1.0, lr=1e-2,
+                      chooser_weight=1.0, chooser_lr=3e-2, chooser_tokens=16, max_steps=5, batch_size=2,
+                      save_every=2)
+    whole = copy.deepcopy(start)
+    train(whole, dense, data, dataclasses.replace(cfg, output_dir=str(tmp_path / "a")), progress=False)
+
+    def stop_at_3(step, _row):
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(copy.deepcopy(start), dense, data, dataclasses.replace(cfg, output_dir=str(tmp_path / "b")),
+              callbacks=[stop_at_3], progress=False)
+    resumed = copy.deepcopy(start)  # a new process starts from the fitted model again
+    train(resumed, dense, data, dataclasses.replace(cfg, output_dir=str(tmp_path / "b"), resume=True), progress=False)
+    want = dict(whole.named_parameters())
+    for name, p in resumed.named_parameters():
+        torch.testing.assert_close(p, want[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert not torch.equal(want["model.layers.1.mlp.chooser_in"], start.model.layers[1].mlp.chooser_in)
+
+
 def test_training_the_chooser_needs_one_and_a_positive_rate():
     dense = tiny_model("llama")
     model = sparsify_(copy.deepcopy(dense), SparsityConfig(0.5, 0.5, exact_neurons=True))
@@ -179,6 +210,8 @@ def test_training_the_chooser_needs_one_and_a_positive_rate():
         sparse_layers(model)[0][1].chooser_error(torch.randn(3, 32))
     with pytest.raises(ValueError, match="learning rates must be > 0"):
         TrainConfig(chooser_lr=0.0)
+    with pytest.raises(ValueError, match="chooser_tokens=0 must be >= 1"):
+        TrainConfig(chooser_tokens=0)
 
 
 def test_fit_chooser_needs_an_exact_neuron_sparse_model():

@@ -37,7 +37,7 @@ from torch import nn
 from factorllm import native
 from factorllm.adapters import FFNWeights, adapter_for, ffns_gated, find_ffns
 from factorllm.losses import chooser_loss, distill_loss
-from factorllm.tracing import trace_inputs
+from factorllm.tracing import collect
 
 # Up to this many tokens a call runs the native kernel (each token reads only its kept weights); more run the
 # masked dense products, which batch the tokens into matrix products. Measured (2 threads, SmolLM2's and
@@ -423,22 +423,11 @@ def fit_chooser_(model: nn.Module, windows: torch.Tensor, steps: int = 100, lr: 
         raise ValueError(f"steps={steps}, lr={lr} and batch_tokens={batch_tokens} must be positive")
     if windows.dim() != 2 or windows.numel() < 2:
         raise ValueError(f"fit_chooser_ needs token ids [B, S] of at least 2 tokens, got shape {tuple(windows.shape)}")
-    inputs: list[list[torch.Tensor]] = [[] for _ in blocks]  # per block: [B*S, D] a batch
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):  # [<=batch_size, S]
-                with trace_inputs([b for _, b in blocks]) as seen:
-                    model.eval()(input_ids=batch, use_cache=False)
-                for acc, x in zip(inputs, seen, strict=True):
-                    acc.append(x)
-    finally:
-        model.train(was_training)
+    inputs, _ = collect(model, [b for _, b in blocks], windows, batch_size)  # per block [T, D]
     gen = torch.Generator().manual_seed(seed)
     recalls = {}
-    for (name, block), xs in zip(blocks, inputs, strict=True):
-        x = torch.cat(xs)  # [T, D]
-        xs.clear()  # frees each block's inputs once fitted
+    for name, block in blocks:
+        x = inputs.pop(0)  # [T, D]; freed once this block is fitted
         held = max(1, x.shape[0] // 8)  # >= 1 token left to fit on: windows hold at least 2
         block.add_chooser()
         recalls[name] = _fit_block_chooser(block, x[:-held], x[-held:], steps, lr, batch_tokens, gen)
