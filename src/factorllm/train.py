@@ -313,6 +313,11 @@ def ffn_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (MoEFeedForward, SparseFFN))]
 
 
+def choosers_of(model: nn.Module) -> list[SparseFFN]:
+    """The activation-sparse blocks with a learned chooser (`factorllm.fit_chooser_`), in layer order."""
+    return [b for _, b in ffn_blocks(model) if isinstance(b, SparseFFN) and b.chooser_in is not None]
+
+
 def _check_window(model: nn.Module, data: TrainData) -> None:
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and data.train.shape[1] > max_pos:
@@ -493,8 +498,7 @@ def train(model: nn.Module, teacher: nn.Module, data: TrainData | torch.Tensor, 
     if cfg.train_router and not moe_layers(model):
         raise ValueError("the model has no routers (its FFNs are activation-sparse: factorllm.sparsify_); set "
                          "train_router=False and train_experts=True")
-    if cfg.chooser_weight and not any(isinstance(b, SparseFFN) and b.chooser_in is not None
-                                      for _, b in ffn_blocks(model)):
+    if cfg.chooser_weight and not choosers_of(model):
         raise ValueError("chooser_weight > 0 trains learned choosers, and the model has none; fit them first with "
                          "factorllm.fit_chooser_ (exact-neuron activation sparsity), or set chooser_weight=0")
     if any(b.router.gating == "oracle" for _, b in moe_layers(model)):
@@ -557,8 +561,7 @@ def _train_end2end(accelerator, model, teacher, data, cfg, ckpt, resume, result,
 
     teacher_logits = TeacherLogits(teacher, cfg.cache_teacher)
 
-    choosers = [b for _, b in ffn_blocks(model) if isinstance(b, SparseFFN) and b.chooser_in is not None] \
-        if cfg.chooser_weight else []
+    choosers = choosers_of(model) if cfg.chooser_weight else []
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         windows, ids = batch
@@ -607,6 +610,7 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, resul
     n_windows = max(1, min(data.train.shape[0], cfg.layerwise_tokens // data.train.shape[1]))
     cache = cache_ffn_activations(teacher, data.train[:n_windows], progress=progress,
                                   names=[name for name, _ in layers])
+    choosers = choosers_of(model) if cfg.chooser_weight else []
     first = 0 if resume is None else resume["layer"]
     for li in tqdm(range(first, len(layers)), desc="layers", disable=not progress or not accelerator.is_main_process):
         name, block = layers[li]
@@ -628,7 +632,7 @@ def _train_layerwise(accelerator, model, teacher, data, cfg, ckpt, resume, resul
                 loss = loss + router_loss(cfg, rout.logits, rout.indices, labels, block.router.top_k)
             if cfg.recon_weight:
                 loss = loss + cfg.recon_weight * losses.reconstruction_loss(block(x[None])[0], y)
-            if cfg.chooser_weight and isinstance(block, SparseFFN) and block.chooser_in is not None:
+            if any(block is c for c in choosers):
                 loss = loss + cfg.chooser_weight * block.chooser_error(_spaced(x, cfg.chooser_tokens))
             return loss, x.shape[0]
 
