@@ -33,7 +33,7 @@ from factorllm.serialization import atomic_write_text
 from factorllm.sparsity import SparsityConfig, choose_input_keep, fit_chooser_, mean_recall, sparsify_
 from factorllm.train import TrainConfig, TrainData, train
 
-# NOTE: the run of 2026-12-01 (README) tried input shares (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25%
+# NOTE: the run of 2026-12-01 (benchmarks/RESULTS.md) tried input shares (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25%
 # of the FFN compute it left 0.3 alone of the valid shares, [0.125, 0.375). Now sparsity.INPUT_KEEP_GRID.
 
 

@@ -5,7 +5,7 @@ router + experts (layer-wise, reconstruction), then routers and experts end to e
 dense teacher); each evaluated on held-out KJV books and on CPython's documentation (never trained on) against
 dense, the oracle router on the same experts, and a random router on the same experts.
 
-The defaults are the best recipe measured (README, "Training"): 128 `importance` experts, a shared expert of 256
+The defaults are the best recipe measured (benchmarks/RESULTS.md): 128 `importance` experts, a shared expert of 256
 neurons, an MLP router, layer 0 dense, 32k tokens of KJV + Python source, a quarter of the minutes layer-wise and
 three quarters end to end at rate 3e-4.
 
