@@ -12,6 +12,9 @@ the same --minutes. `--chooser-steps N` (with --exact-neurons) first fits a lear
 (`factorllm.sparsity.fit_chooser_`, N steps a layer on --chooser-tokens of the training text), also inside --minutes;
 `--chooser-weight W` trains it along in the end-to-end stage (TrainConfig.chooser_weight); `--chooser-refit` fits it
 again at the end, to the fine-tuned FFN weights. `--input-keep X` sets the input share instead of the grid search.
+`--curve-minutes M` evaluates held-out perplexity every M training minutes of the end-to-end stage (the fraction's
+minutes so far, the chooser's included; evaluation time not counted) into the row's `curve`: where a longer
+budget would lead.
 
     python benchmarks/activation_sparsity.py --minutes 28 --json results/activation_sparsity.json
 """
@@ -33,8 +36,8 @@ from factorllm.serialization import atomic_write_text
 from factorllm.sparsity import SparsityConfig, choose_input_keep, fit_chooser_, mean_recall, sparsify_
 from factorllm.train import TrainConfig, TrainData, train
 
-# NOTE: the run of 2026-12-01 (benchmarks/RESULTS.md) tried input shares (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9): at 25%
-# of the FFN compute it left 0.3 alone of the valid shares, [0.125, 0.375). Now sparsity.INPUT_KEEP_GRID.
+# NOTE: the run of 2026-12-01 (benchmarks/RESULTS.md) tried input shares (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8,
+# 0.9): at 25% of the FFN compute it left 0.3 alone of the valid shares, [0.125, 0.375). Now sparsity.INPUT_KEEP_GRID.
 
 
 def main() -> int:
@@ -72,8 +75,13 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-4, help="end-to-end rate")
+    ap.add_argument("--curve-minutes", type=float, default=0.0,
+                    help="evaluate held-out ppl every this many training minutes of the end-to-end stage, into "
+                         "its row's `curve` (0: only at the end)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    if args.curve_minutes < 0:
+        ap.error(f"--curve-minutes must be >= 0, got {args.curve_minutes}")
     if args.chooser_steps and not args.exact_neurons:
         ap.error("--chooser-steps needs --exact-neurons")
     if (args.chooser_refit or args.chooser_weight) and not args.chooser_steps:
@@ -127,7 +135,7 @@ def main() -> int:
         spent = 0.0  # training minutes of this fraction so far
         reserve = 0.0  # minutes kept back for the refit: as long as the first fit took
         for stage, tcfg in stages:
-            t0 = time.time()
+            t0, curve, evaluating = time.time(), [], [0.0]  # curve: the end-to-end stage's ppl along the way
             if tcfg is None:
                 steps = 0
             elif tcfg == "chooser":
@@ -142,8 +150,17 @@ def main() -> int:
                 train(model, dense, TrainData(train_w), tcfg, progress=False)
                 steps = tcfg.max_steps
             else:
-                steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes - spent - reserve) * 60)
-            minutes = (time.time() - t0) / 60
+                def mark(step, clock_s, model=model, frac=frac, curve=curve, evaluating=evaluating):
+                    start = time.time()
+                    point = {"minutes": clock_s / 60, "steps": step, "ppl": ppl(model)}
+                    curve.append(point)
+                    evaluating[0] += time.time() - start  # not training time
+                    log(f"  curve {frac:.0%}: {point['minutes']:.1f} min, {step} steps, "
+                        + ", ".join(f"{d}={v:.2f}" for d, v in point["ppl"].items()))
+
+                steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes - spent - reserve) * 60,
+                                    every_s=args.curve_minutes * 60, at_mark=mark, offset_s=spent * 60)
+            minutes = (time.time() - t0 - evaluating[0]) / 60
             spent += minutes
             row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
                    "exact_neurons": cfg.exact_neurons,
@@ -152,6 +169,8 @@ def main() -> int:
                    "chooser_step_tokens": args.chooser_step_tokens if args.chooser_weight else None,
                    "lr": getattr(tcfg, "lr", None), "stage": stage, "steps": steps,
                    "train_minutes": minutes, "ppl": {}}
+            if curve:
+                row["curve"] = curve
             for d, v in ppl(model).items():
                 row["ppl"][d] = {"dense": dense_ppl[d], "trained": v, "oracle": oracle_ppl[d]}
             rows.append(row)

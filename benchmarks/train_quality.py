@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -192,13 +193,27 @@ def mixed_windows(corpora: list[torch.Tensor], window: int, count: int, seed: in
     return wins[torch.randperm(len(wins), generator=torch.Generator().manual_seed(seed))]
 
 
-def timed_train(model, dense, train_w, tcfg: TrainConfig, seconds: float) -> int:
-    """Trains until `seconds` have passed (checked after each step); returns the steps taken."""
-    t0, taken = time.time(), [0]
+def timed_train(model, dense, train_w, tcfg: TrainConfig, seconds: float, every_s: float = 0.0,
+                at_mark: Callable[[int, float], None] | None = None, offset_s: float = 0.0) -> int:
+    """Trains until `seconds` of training have passed (checked after each step); returns the steps taken.
+
+    With `every_s` and `at_mark`: each time the training clock, which starts at `offset_s` (training already spent
+    on this model), passes a multiple of `every_s` before the end, `at_mark(step, clock_s)` runs (an evaluation,
+    say) and its own time is not counted as training.
+    """
+    t0, taken, paused = time.time(), [0], [0.0]
+    next_mark = [(offset_s // every_s + 1) * every_s if every_s > 0 else math.inf]
 
     def stop_on_time(step, row):
         taken[0] = step
-        if time.time() - t0 > seconds:
+        trained = time.time() - t0 - paused[0]
+        if at_mark is not None and offset_s + trained >= next_mark[0] and trained < seconds:
+            start = time.time()
+            at_mark(step, offset_s + trained)
+            paused[0] += time.time() - start
+            while next_mark[0] <= offset_s + trained:
+                next_mark[0] += every_s
+        if trained > seconds:
             raise StopIteration
 
     try:

@@ -82,6 +82,32 @@ def test_activation_sparsity_writes_a_row_per_stage_at_the_fraction(tiny_folder,
     assert [r["steps"] for r in rows[:2]] == [0, 2] and rows[2]["steps"] >= 1
 
 
+def test_activation_sparsity_records_the_curve_of_its_end_to_end_stage(tiny_folder, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = [sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), "--fractions", "0.5", "--window", "32",
+           "--train-tokens", "256", "--eval-windows", "1", "--train-data", str(text), "--input-keep", "0.6"]
+    proc = subprocess.run([*run, "--minutes", "0.1", "--curve-minutes", "0.002", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    free, e2e = json.loads(out.read_text())
+    assert "curve" not in free and e2e["stage"] == "end2end"
+    curve = e2e["curve"]  # a point each 0.12 s of training, none at or past the end
+    assert len(curve) >= 1 and len(proc.stderr.split("curve 50%:")) == len(curve) + 1
+    minutes = [p["minutes"] for p in curve]
+    marks = [int(m / 0.002) for m in minutes]  # each point the first past its multiple of 0.002
+    assert marks[0] >= 1 and all(a < b for a, b in zip(marks, marks[1:], strict=False))
+    assert minutes[-1] <= e2e["train_minutes"]  # evaluation time is not training time
+    steps = [p["steps"] for p in curve]
+    assert steps == sorted(steps) and 1 <= steps[0] and steps[-1] <= e2e["steps"]
+    for p in curve:
+        assert set(p["ppl"]) == {"pydoc", "kjv"} and all(math.isfinite(v) and v > 1 for v in p["ppl"].values())
+    proc = subprocess.run([*run, "--curve-minutes", "-1"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2 and "--curve-minutes must be >= 0, got -1" in proc.stderr
+
+
 def test_activation_sparsity_fits_trains_along_and_refits_a_learned_chooser(tiny_folder, tmp_path):
     text = tmp_path / "train.txt"
     text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
