@@ -27,7 +27,7 @@ import json
 import sys
 import time
 
-from train_quality import heldout_ids, log, mixed_windows, timed_train
+from train_quality import Curve, heldout_ids, log, mixed_windows, timed_train
 
 from factorllm import load_model, perplexity
 from factorllm.adapters import ffns_gated, find_ffns
@@ -135,7 +135,7 @@ def main() -> int:
         spent = 0.0  # training minutes of this fraction so far
         reserve = 0.0  # minutes kept back for the refit: as long as the first fit took
         for stage, tcfg in stages:
-            t0, curve, evaluating = time.time(), [], [0.0]  # curve: the end-to-end stage's ppl along the way
+            t0, curve = time.time(), Curve(ppl, model, f"{frac:.0%}")  # the end-to-end stage's ppl along the way
             if tcfg is None:
                 steps = 0
             elif tcfg == "chooser":
@@ -150,17 +150,9 @@ def main() -> int:
                 train(model, dense, TrainData(train_w), tcfg, progress=False)
                 steps = tcfg.max_steps
             else:
-                def mark(step, clock_s, model=model, frac=frac, curve=curve, evaluating=evaluating):
-                    start = time.time()
-                    point = {"minutes": clock_s / 60, "steps": step, "ppl": ppl(model)}
-                    curve.append(point)
-                    evaluating[0] += time.time() - start  # not training time
-                    log(f"  curve {frac:.0%}: {point['minutes']:.1f} min, {step} steps, "
-                        + ", ".join(f"{d}={v:.2f}" for d, v in point["ppl"].items()))
-
                 steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes - spent - reserve) * 60,
-                                    every_s=args.curve_minutes * 60, at_mark=mark, offset_s=spent * 60)
-            minutes = (time.time() - t0 - evaluating[0]) / 60
+                                    every_s=args.curve_minutes * 60, at_mark=curve, offset_s=spent * 60)
+            minutes = (time.time() - t0 - curve.seconds) / 60
             spent += minutes
             row = {"strategy": "activation_sparsity", "input_keep": cfg.input_keep, "neuron_keep": cfg.neuron_keep,
                    "exact_neurons": cfg.exact_neurons,
@@ -169,8 +161,8 @@ def main() -> int:
                    "chooser_step_tokens": args.chooser_step_tokens if args.chooser_weight else None,
                    "lr": getattr(tcfg, "lr", None), "stage": stage, "steps": steps,
                    "train_minutes": minutes, "ppl": {}}
-            if curve:
-                row["curve"] = curve
+            if curve.points:
+                row["curve"] = curve.points
             for d, v in ppl(model).items():
                 row["ppl"][d] = {"dense": dense_ppl[d], "trained": v, "oracle": oracle_ppl[d]}
             rows.append(row)

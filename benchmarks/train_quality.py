@@ -7,7 +7,8 @@ dense, the oracle router on the same experts, and a random router on the same ex
 
 The defaults are the best recipe measured (benchmarks/RESULTS.md): 128 `importance` experts, a shared expert of 256
 neurons, an MLP router, layer 0 dense, 32k tokens of KJV + Python source, a quarter of the minutes layer-wise and
-three quarters end to end at rate 3e-4.
+three quarters end to end at rate 3e-4. `--curve-minutes M` evaluates the trained block every M training minutes
+of the end-to-end stage into its row's `curve` (evaluation time not counted): where a longer budget would lead.
 
     python benchmarks/train_quality.py --minutes 28 --json results/train_quality.json   # 28 minutes per fraction
 """
@@ -66,10 +67,15 @@ def main() -> int:
                          "was unstable)")
     ap.add_argument("--e2e-router-lr", type=float, default=None,
                     help="end-to-end stage: the routers' learning rate where it differs from --e2e-lr")
+    ap.add_argument("--curve-minutes", type=float, default=0.0,
+                    help="evaluate the trained block's held-out ppl every this many training minutes of the "
+                         "end-to-end stage (the fraction's minutes so far), into its row's `curve` (0: only at the "
+                         "end)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
-    if args.minutes <= 0 or not 0 <= args.e2e_share < 1:
-        ap.error(f"--minutes must be > 0 and --e2e-share in [0, 1), got {args.minutes} and {args.e2e_share}")
+    if args.minutes <= 0 or not 0 <= args.e2e_share < 1 or args.curve_minutes < 0:
+        ap.error(f"--minutes must be > 0, --e2e-share in [0, 1) and --curve-minutes >= 0, got {args.minutes}, "
+                 f"{args.e2e_share} and {args.curve_minutes}")
     t_start = time.time()
 
     dense, tok = load_model(args.model)
@@ -116,17 +122,18 @@ def main() -> int:
                                                     lr=args.e2e_lr, router_lr=args.e2e_router_lr, batch_size=2,
                                                     max_steps=10**6, save_every=0)),
         ):
-            t0 = time.time()
+            t0, curve = time.time(), Curve(ppl, model, f"top-{k}/{args.experts}")
             if tcfg.mode == "end2end":
                 if e2e_s <= 0:
                     continue
-                steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes * 60 - spent_s))
+                steps = timed_train(model, dense, train_w, tcfg, max(0.0, args.minutes * 60 - spent_s),
+                                    every_s=args.curve_minutes * 60, at_mark=curve, offset_s=spent_s)
             else:
                 steps = steps_for_budget(model, dense, train_w, tcfg, budget_s)
                 tcfg = TrainConfig(**{**tcfg.__dict__, "max_steps": steps})
                 t0 = time.time()
                 train(model, dense, TrainData(train_w), tcfg)
-            minutes = (time.time() - t0) / 60
+            minutes = (time.time() - t0 - curve.seconds) / 60
             spent_s += minutes * 60
             row = {"experts": args.experts, "top_k": k, "partition": args.partition, "gating": args.gating,
                    "train_data": args.train_data,
@@ -136,6 +143,8 @@ def main() -> int:
                    "ffn_compute": compute,
                    "stage": stage, "steps": steps, "train_minutes": minutes,
                    "ppl": {d: {"dense": dense_ppl[d]} for d in evals}}
+            if curve.points:
+                row["curve"] = curve.points
             for name, variant in (("trained", model), ("oracle", oracle_of(model)), ("random", random_of(model))):
                 for d, v in ppl(variant).items():
                     row["ppl"][d][name] = v
@@ -221,6 +230,24 @@ def timed_train(model, dense, train_w, tcfg: TrainConfig, seconds: float, every_
     except StopIteration:
         pass
     return taken[0]
+
+
+class Curve:
+    """Held-out perplexity along a timed stage, as `timed_train`'s `at_mark`: its points (training minutes so far,
+    steps, ppl per domain) and the seconds the evaluations took, which are not training time."""
+
+    def __init__(self, ppl: Callable[[torch.nn.Module], dict[str, float]], model: torch.nn.Module, label: str):
+        self.ppl, self.model, self.label = ppl, model, label
+        self.points: list[dict] = []
+        self.seconds = 0.0
+
+    def __call__(self, step: int, clock_s: float) -> None:
+        start = time.time()
+        point = {"minutes": clock_s / 60, "steps": step, "ppl": self.ppl(self.model)}
+        self.points.append(point)
+        self.seconds += time.time() - start
+        log(f"  curve {self.label}: {point['minutes']:.1f} min, {step} steps, "
+            + ", ".join(f"{d}={v:.2f}" for d, v in point["ppl"].items()))
 
 
 def steps_for_budget(model, dense, train_w, tcfg: TrainConfig, budget_s: float) -> int:

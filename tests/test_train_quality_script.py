@@ -48,6 +48,30 @@ def test_train_quality_writes_one_row_per_stage_with_the_issues_keys(tiny_folder
         assert 60 * rows[2]["train_minutes"] <= left_s + 1.0
 
 
+def test_train_quality_records_the_curve_of_its_end_to_end_stage(tiny_folder, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    out = tmp_path / "rows.json"
+    proc = _run("--model", str(tiny_folder), "--experts", "8", "--shared-neurons", "16", "--dense-layers",
+                "--fractions", "0.5", "--minutes", "0.5", "--e2e-share", "0.9", "--curve-minutes", "0.01",
+                "--window", "32", "--train-tokens", "256", "--eval-windows", "1", "--train-data", str(text),
+                "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [("curve" in r) for r in rows] == [False, False, True]  # the end-to-end stage's alone
+    curve, e2e = rows[2]["curve"], rows[2]
+    assert len(curve) >= 1 and proc.stderr.count("curve top-2/8:") == len(curve)
+    before = 60 * (rows[0]["train_minutes"] + rows[1]["train_minutes"])  # the clock starts at the stages before
+    marks = [int(p["minutes"] / 0.01) for p in curve]
+    assert marks[0] >= max(1, int(before / 0.6)) and all(a < b for a, b in zip(marks, marks[1:], strict=False))
+    assert curve[-1]["minutes"] <= rows[0]["train_minutes"] + rows[1]["train_minutes"] + e2e["train_minutes"]
+    assert [p["steps"] for p in curve] == sorted(p["steps"] for p in curve) and curve[-1]["steps"] <= e2e["steps"]
+    for p in curve:
+        assert set(p["ppl"]) == {"pydoc", "kjv"} and all(math.isfinite(v) and v > 1 for v in p["ppl"].values())
+    proc = _run("--model", str(tiny_folder), "--curve-minutes", "-1")
+    assert proc.returncode == 2 and "--curve-minutes >= 0" in proc.stderr
+
+
 def test_train_quality_refuses_a_budget_it_cannot_keep(tiny_folder):
     proc = _run("--model", str(tiny_folder), "--e2e-share", "1.0")
     assert proc.returncode == 2 and "--e2e-share in [0, 1)" in proc.stderr
