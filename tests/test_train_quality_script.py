@@ -14,14 +14,20 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "train_quality.py"
 
 
+def _train_text(tmp_path: Path) -> Path:
+    """A small training text file (the scripts' --train-data)."""
+    text = tmp_path / "train.txt"
+    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    return text
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_train_quality_writes_one_row_per_stage_with_the_issues_keys(tiny_folder, tmp_path):
-    text = tmp_path / "train.txt"
-    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    text = _train_text(tmp_path)
     out = tmp_path / "rows.json"
     # The defaults' block (128 experts, 256 shared neurons, layer 0 dense) does not fit a 2-layer model of 64
     # neurons: a smaller one, every layer factorized.
@@ -49,8 +55,7 @@ def test_train_quality_writes_one_row_per_stage_with_the_issues_keys(tiny_folder
 
 
 def test_train_quality_records_the_curve_of_its_end_to_end_stage(tiny_folder, tmp_path):
-    text = tmp_path / "train.txt"
-    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    text = _train_text(tmp_path)
     out = tmp_path / "rows.json"
     proc = _run("--model", str(tiny_folder), "--experts", "8", "--shared-neurons", "16", "--dense-layers",
                 "--fractions", "0.5", "--minutes", "0.5", "--e2e-share", "0.9", "--curve-minutes", "0.01",
@@ -86,8 +91,7 @@ SPARSITY_SCRIPT = Path(__file__).parents[1] / "benchmarks" / "activation_sparsit
 
 
 def test_activation_sparsity_writes_a_row_per_stage_at_the_fraction(tiny_folder, tmp_path):
-    text = tmp_path / "train.txt"
-    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    text = _train_text(tmp_path)
     out = tmp_path / "rows.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), "--fractions", "0.5",
@@ -107,8 +111,7 @@ def test_activation_sparsity_writes_a_row_per_stage_at_the_fraction(tiny_folder,
 
 
 def test_activation_sparsity_records_the_curve_of_its_end_to_end_stage(tiny_folder, tmp_path):
-    text = tmp_path / "train.txt"
-    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    text = _train_text(tmp_path)
     out = tmp_path / "rows.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), "--fractions", "0.5", "--window", "32",
@@ -133,8 +136,7 @@ def test_activation_sparsity_records_the_curve_of_its_end_to_end_stage(tiny_fold
 
 
 def test_activation_sparsity_fits_trains_along_and_refits_a_learned_chooser(tiny_folder, tmp_path):
-    text = tmp_path / "train.txt"
-    text.write_text("In the beginning was the word, and the word was with code.\n" * 200, encoding="utf-8")
+    text = _train_text(tmp_path)
     out = tmp_path / "rows.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, str(SPARSITY_SCRIPT), "--model", str(tiny_folder), "--fractions", "0.5", "--minutes",
